@@ -1,0 +1,108 @@
+"""The castore command line: argparse subcommands built on the Repo API, served by the local
+daemon when one runs and by the repo opened directly when none does (as kubo does offline).
+
+Exit codes: 0 ok; 1 a check found problems; 2 usage, config or repo error; 3 not found;
+4 integrity error; 5 daemon unreachable or timed out; 7 disk full; 130 interrupted.
+A CastoreError prints one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from castore import __version__
+from castore.config import Config
+from castore.errors import CastoreError
+
+EXIT_PROBLEMS = 1
+EXIT_INTERRUPTED = 130
+
+
+class Context:
+    """What every command gets: parsed args, config, and how to reach the repo."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.json: bool = args.json
+        self.config = Config.load(args.home)
+
+    @contextmanager
+    def api(self, offline_ok: bool = True) -> Iterator[Any]:
+        """The running daemon (RemoteRepo), or with offline_ok the repo opened directly."""
+        from castore.rpc.client import RemoteRepo, daemon_running
+        if daemon_running(self.config):
+            with RemoteRepo(self.config) as remote:
+                yield remote
+            return
+        if not offline_ok:
+            from castore.errors import PeerUnavailableError
+            raise PeerUnavailableError(f"no castore daemon is running on {self.config.home} "
+                                       "(start one with 'castore daemon')")
+        from castore.repo import Repo
+        with Repo.open(self.config) as repo:
+            yield repo
+
+    def emit(self, value: Any, text: str | None = None) -> None:
+        """Print a result: JSON with --json, else the text form."""
+        if self.json:
+            print(json.dumps(value, default=_jsonable, sort_keys=True))
+        elif text is not None:
+            print(text)
+
+    @property
+    def progress(self) -> bool:
+        return not self.json and sys.stderr.isatty() and not getattr(self.args, "quiet", False)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="backslashreplace")
+    if hasattr(v, "__dataclass_fields__"):
+        from dataclasses import asdict
+        return asdict(v)
+    raise TypeError(f"cannot encode {type(v).__name__}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from castore.cli import files, repo_cmds
+    parser = argparse.ArgumentParser(prog="castore", description=(
+        "castore: a peer-to-peer content-addressed store with a network drive."))
+    parser.add_argument("--version", action="version", version=f"castore {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", help="repo directory (default: $CASTORE_HOME or ~/.castore)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (repo_cmds, files):
+        module.add_parsers(sub, common)
+    try:
+        from castore.cli import mount
+        mount.add_parsers(sub, common)
+    except ImportError:  # pragma: no cover - the mount commands ship with the package
+        pass
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("CASTORE_LOG", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        ctx = Context(args)
+        return int(args.run(ctx) or 0)
+    except CastoreError as exc:
+        print(f"castore: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("castore: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

@@ -1,0 +1,85 @@
+"""Identifiers: ChunkId (BLAKE3-256 of a chunk's bytes) and NodeId (random 128-bit namespace node).
+
+Imports nothing of castore but errors-free stdlib and blake3.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from blake3 import blake3
+
+_PARALLEL_FROM = 1 << 20   # multi-threaded BLAKE3 pays off only from ~1 MiB buffers
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ChunkId:
+    """BLAKE3-256 digest of a chunk's (uncompressed) bytes: the only way chunks are named.
+
+    Manifests are named the same way, by the digest of their encoding.
+    """
+
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.digest) != 32:
+            raise ValueError(f"ChunkId needs 32 bytes, got {len(self.digest)}")
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview) -> ChunkId:
+        if len(data) >= _PARALLEL_FROM:
+            return cls(blake3(data, max_threads=blake3.AUTO).digest())
+        return cls(blake3(data).digest())
+
+    @classmethod
+    def from_hex(cls, text: str) -> ChunkId:
+        """Parse 64 hex digits; raises ValueError on anything else."""
+        if len(text) != 64:
+            raise ValueError(f"a content id is 64 hex digits, got {len(text)} characters")
+        return cls(bytes.fromhex(text))
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    @property
+    def hex(self) -> str:
+        return self.digest.hex()
+
+    @property
+    def short(self) -> str:
+        return self.digest.hex()[:10]
+
+    def __str__(self) -> str:
+        return self.digest.hex()
+
+    def __repr__(self) -> str:
+        return f"ChunkId({self.short})"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class NodeId:
+    """A namespace node (file, directory or symlink): 128 random bits, so a rename is one op."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != 16:
+            raise ValueError(f"NodeId needs 16 bytes, got {len(self.raw)}")
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    @classmethod
+    def random(cls) -> NodeId:
+        return cls(os.urandom(16))
+
+    @property
+    def short(self) -> str:
+        return self.raw.hex()[:8]
+
+    def __repr__(self) -> str:
+        return f"NodeId({self.short})"
+
+
+ROOT = NodeId(b"\x00" * 16)
+TRASH = NodeId(b"\x00" * 15 + b"\x01")

@@ -1,0 +1,583 @@
+"""The repository: one peer's store, files and namespace behind one facade.
+
+This is the API the gRPC servicer adapts and the offline CLI calls directly, so both behave
+the same. A file commit (chunks, manifest, reference counts, tree ops) is one LMDB
+transaction; many small files share one transaction, and every result is reported only after
+its transaction is durable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat as st
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from castore import chunking
+from castore.config import Config
+from castore.errors import (CastoreError, ChunkNotFoundError, IntegrityError, IsDirectoryError,
+                            NotDirectoryError, PathNotFoundError, RepoError, UsageError)
+from castore.files import EMPTY, ChunkPipeline, Files, Manifest, Prepared, prepare
+from castore.hlc import HybridClock
+from castore.ids import ROOT, TRASH, ChunkId, NodeId
+from castore.namespace import Namespace
+from castore.ops import Kind, Node, check_name, int_attr, key_ts, split_path
+from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn, read_counters
+
+log = logging.getLogger(__name__)
+
+BATCH_FILES = 2000              # small files per commit
+BATCH_BYTES = 32 << 20          # or this many bytes
+BATCH_SECONDS = 0.25            # or this long since the first pending file
+SMALL_FILE = 4 << 20            # up to this size a file is read whole; above, mmapped
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What stat and ls report about one node."""
+
+    path: str
+    name: str
+    kind: str                        # "file" | "dir" | "symlink"
+    size: int = 0
+    mode: int = 0
+    mtime_ns: int = 0
+    content: str = ""                # manifest id (hex) of the current version
+    chunks: int = 0
+    versions: int = 0                # concurrent heads; more than 1 means a conflict
+    target: str = ""                 # symlink target
+    node: str = ""
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AddResult:
+    path: str
+    content: str = ""
+    size: int = 0
+    new_chunks: int = 0
+    kind: str = "file"
+    error: str = ""
+
+
+@dataclass
+class IngestItem:
+    """One thing to add: a local file (source), in-memory bytes (data), chunks, dir or symlink."""
+
+    dest: str
+    kind: Kind = Kind.FILE
+    mode: int = 0o644
+    mtime_ns: int = 0
+    source: str | None = None
+    size: int = 0
+    data: bytes | None = None
+    chunks: Iterable[bytes | memoryview] | None = None
+    target: bytes = b""
+
+
+@dataclass
+class VerifyReport:
+    chunks: int = 0
+    bytes: int = 0
+    manifests: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt and not self.missing
+
+
+KIND_NAMES = {Kind.FILE: "file", Kind.DIR: "dir", Kind.SYMLINK: "symlink",
+              Kind.UNKNOWN: "unknown"}
+
+
+class Repo:
+    """One peer's repository. Thread-safe; open it once per process."""
+
+    def __init__(self, config: Config, env: LmdbEnv) -> None:
+        self.config = config
+        self.env = env
+        self.store = LmdbStore(env, level=config.compression_level)
+        self.files = Files(self.store)
+        self.replica = env.read(lambda t: bytes(t.get("meta", b"replica") or b""))
+        if len(self.replica) != 16:
+            raise RepoError(f"{config.home} is not an initialized castore repo")
+        last = env.read(lambda t: self._last_ts(t))
+        self.ns = Namespace(self.replica, HybridClock(last), self.files.retain,
+                            self.files.release)
+        self.pool = ThreadPoolExecutor(3, thread_name_prefix="castore-ingest")
+        self._closed = False
+
+    def _last_ts(self, txn: LmdbTxn) -> int:
+        for k, _ in txn.scan("ops", reverse=True):
+            return key_ts(bytes(k))
+        return 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @classmethod
+    def init(cls, config: Config) -> Repo:
+        config.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        env = LmdbEnv(config.store_path, map_size=config.map_size)
+
+        def setup(t: LmdbTxn) -> bool:
+            if t.get("meta", b"replica") is not None:
+                return False
+            t.put("meta", b"replica", os.urandom(16))
+            t.put("meta", b"created", int_attr(time.time_ns()))
+            return True
+        env.write(setup)
+        return cls(config, env)
+
+    @classmethod
+    def open(cls, config: Config) -> Repo:
+        if not (config.store_path / "data.mdb").exists():
+            raise RepoError(f"no castore repo at {config.home} (run 'castore init')")
+        return cls(config, LmdbEnv(config.store_path, map_size=config.map_size))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.pool.shutdown(wait=True)
+            self.env.close()
+
+    def __enter__(self) -> Repo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------
+    def _entry(self, txn: LmdbTxn, node: Node, path: str) -> Entry:
+        head = node.head
+        chunks = 0
+        if head is not None and head.manifest:
+            raw = txn.get("manifests", head.manifest)
+            chunks = (len(raw) - 12) // 36 if raw is not None and len(raw) > 4 else 0
+        xattrs = {k[2:].decode(errors="surrogateescape"): v for k, (_, v) in node.attrs.items()
+                  if k.startswith(b"x:") and v is not None}
+        default_mode = 0o755 if node.kind == Kind.DIR else 0o644
+        return Entry(path=path, name=os.fsdecode(node.name) if node.id != ROOT else "/",
+                     kind=KIND_NAMES[node.kind], size=head.size if head else 0,
+                     mode=node.attr_int(b"mode", default_mode), mtime_ns=node.attr_int(b"mtime"),
+                     content=head.manifest.hex() if head else "", chunks=chunks,
+                     versions=len(node.heads), target=os.fsdecode(node.attr(b"target") or b""),
+                     node=node.id.raw.hex(), xattrs=xattrs)
+
+    def stat(self, path: str) -> Entry:
+        return self.env.read(lambda t: self._entry(t, self.ns.resolve(t, path), _norm(path)))
+
+    def listdir(self, path: str = "/") -> list[Entry]:
+        def run(t: LmdbTxn) -> list[Entry]:
+            node = self.ns.resolve(t, path)
+            base = _norm(path)
+            if node.kind != Kind.DIR:
+                return [self._entry(t, node, base)]
+            out = []
+            for name, nid, _ in self.ns.children(t, node.id):
+                child = self.ns.get(t, nid)
+                if child is not None:
+                    out.append(self._entry(t, child, _join(base, os.fsdecode(name))))
+            return out
+        return self.env.read(run)
+
+    def manifest_of(self, target: str) -> Manifest:
+        """The manifest of a path's current version, or of a content id."""
+        def run(t: LmdbTxn) -> Manifest:
+            if _looks_like_id(target):
+                return self.files.load_in(t, ChunkId.from_hex(target))
+            node = self.ns.resolve(t, target)
+            if node.kind == Kind.DIR:
+                raise IsDirectoryError(f"{target} is a directory")
+            head = node.head
+            if head is None or not head.manifest:
+                return EMPTY
+            return self.files.load_in(t, ChunkId(head.manifest))
+        return self.env.read(run)
+
+    def read(self, target: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Stream the bytes of a path or content id, each chunk verified on the way out."""
+        if offset < 0 or (length is not None and length < 0):
+            raise UsageError("offset and length must not be negative")
+        manifest = self.manifest_of(target)
+        return self.files.iter_range(self.env, manifest, offset, length)
+
+    # -- namespace edits ------------------------------------------------------------------
+    def mkdir(self, path: str, parents: bool = False, mode: int = 0o755) -> Entry:
+        def run(t: LmdbTxn) -> Entry:
+            if parents:
+                node = self._ensure_dirs(t, split_path(path), mode, {})
+            else:
+                parent, name = self.ns.resolve_parent(t, path)
+                node = self.ns.create(t, parent, name, Kind.DIR, _attrs(mode, time.time_ns()))
+            return self._entry(t, node, _norm(path))
+        return self.env.write(run)
+
+    def remove(self, path: str, recursive: bool = False) -> int:
+        """Remove a file, symlink or empty directory (any directory with recursive). Returns
+        the number of nodes removed."""
+        def run(t: LmdbTxn) -> int:
+            node = self.ns.resolve(t, path)
+            if recursive:
+                return self._remove_tree(t, node)
+            self.ns.remove(t, node)
+            return 1
+        return self.env.write(run)
+
+    def _remove_tree(self, txn: LmdbTxn, node: Node) -> int:
+        count = 0
+        if node.kind == Kind.DIR:
+            for _, nid, _ in list(self.ns.children(txn, node.id)):
+                child = self.ns.get(txn, nid)
+                if child is not None:
+                    count += self._remove_tree(txn, child)
+        self.ns.remove(txn, node)
+        return count + 1
+
+    def rename(self, src: str, dst: str) -> Entry:
+        def run(t: LmdbTxn) -> Entry:
+            node = self.ns.resolve(t, src)
+            parent, name = self.ns.resolve_parent(t, dst)
+            self.ns.rename(t, node, parent, name)
+            moved = self.ns.get(t, node.id)
+            assert moved is not None
+            return self._entry(t, moved, _norm(dst))
+        return self.env.write(run)
+
+    def _ensure_dirs(self, txn: LmdbTxn, parts: list[bytes], mode: int,
+                     cache: dict[bytes, Node]) -> Node:
+        node = self.ns.get(txn, ROOT)
+        assert node is not None
+        prefix = b""
+        for part in parts:
+            prefix += b"/" + part
+            cached = cache.get(prefix)
+            if cached is not None:
+                node = cached
+                continue
+            nid = self.ns.lookup(txn, node.id, part)
+            child = self.ns.get(txn, nid) if nid is not None else \
+                self.ns.create(txn, node, part, Kind.DIR, _attrs(mode, time.time_ns()))
+            assert child is not None
+            if child.kind != Kind.DIR:
+                raise NotDirectoryError(f"{os.fsdecode(prefix)} is not a directory")
+            cache[prefix] = node = child
+        return node
+
+    # -- adding ---------------------------------------------------------------------------
+    def add_paths(self, paths: Iterable[str], dest: str = "/", recursive: bool = False,
+                  on_progress: Callable[[int, int, int, int], None] | None = None
+                  ) -> Iterator[AddResult]:
+        """Add local files (and trees, with recursive) under dest. Yields one result per
+        item, each after its commit is durable. on_progress(files, bytes, total_files,
+        total_bytes) is called as work proceeds."""
+        items, errors = plan_paths(paths, dest, recursive)
+        yield from errors
+        yield from self.ingest(items, on_progress)
+
+    def ingest(self, items: Iterable[IngestItem],
+               on_progress: Callable[[int, int, int, int], None] | None = None
+               ) -> Iterator[AddResult]:
+        """Commit items in batches; yields each result once its batch is durable."""
+        items = list(items) if on_progress else items
+        total_files = len(items) if isinstance(items, list) else 0
+        total_bytes = sum(i.size for i in items) if isinstance(items, list) else 0
+        done_files = done_bytes = 0
+        batch: list[tuple[IngestItem, Manifest, list[Prepared], int]] = []
+        batch_bytes = 0
+        first = 0.0
+        pipeline = ChunkPipeline(self.env, self.store, self.pool)
+        progress_mutex = threading.Lock()
+
+        def bytes_done(n: int) -> None:
+            nonlocal done_bytes
+            with progress_mutex:
+                done_bytes += n
+            if on_progress:
+                on_progress(done_files, done_bytes, total_files, total_bytes)
+
+        def flush() -> Iterator[AddResult]:
+            nonlocal batch, batch_bytes, done_files
+            if not batch:
+                return
+            results = self.env.write(lambda t: self._commit(t, batch))
+            done_files += len(batch)
+            batch, batch_bytes = [], 0
+            if on_progress:
+                on_progress(done_files, done_bytes, total_files, total_bytes)
+            yield from results
+
+        for item in items:
+            try:
+                manifest, prepared, new = self._prepare(item, pipeline, bytes_done)
+            except (OSError, CastoreError) as exc:
+                yield AddResult(item.dest, kind=KIND_NAMES[item.kind], error=_describe(exc))
+                continue
+            if not batch:
+                first = time.monotonic()
+            batch.append((item, manifest, prepared, new))
+            batch_bytes += sum(p.raw_len for p in prepared)
+            if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES or \
+                    time.monotonic() - first >= BATCH_SECONDS:
+                yield from flush()
+        yield from flush()
+
+    def _prepare(self, item: IngestItem, pipeline: ChunkPipeline,
+                 bytes_done: Callable[[int], None]) -> tuple[Manifest, list[Prepared], int]:
+        """Hash and encode an item's chunks. Large files are stored here already, in their own
+        batches; small ones come back as Prepared chunks for the batch commit."""
+        if item.kind != Kind.FILE:
+            return EMPTY, [], 0
+        level = self.store.level
+        if item.chunks is not None:
+            manifest, new = pipeline.store_chunks(item.chunks, bytes_done)
+            return manifest, [], new
+        if item.data is not None:
+            data = item.data
+        else:
+            assert item.source is not None
+            fd = os.open(item.source, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                size = os.fstat(fd).st_size
+                item.size = size
+                if size > SMALL_FILE:
+                    with chunking.FileChunks(fd, size) as chunks:
+                        manifest, new = pipeline.store_chunks(chunks, bytes_done)
+                    return manifest, [], new
+                data = os.read(fd, size + 1) if size < (1 << 20) else _read_all(fd, size)
+            finally:
+                os.close(fd)
+        prepared = [prepare(c, level) for c in chunking.split(data)]
+        bytes_done(len(data))
+        return Manifest(tuple(p.cid for p in prepared), tuple(p.raw_len for p in prepared)), \
+            prepared, 0
+
+    def _commit(self, txn: LmdbTxn, batch: list[tuple[IngestItem, Manifest, list[Prepared], int]]
+                ) -> list[AddResult]:
+        results = []
+        dirs: dict[bytes, Node] = {}
+        for item, manifest, prepared, new in batch:
+            try:
+                results.append(self._commit_one(txn, item, manifest, prepared, new, dirs))
+            except CastoreError as exc:
+                results.append(AddResult(item.dest, kind=KIND_NAMES[item.kind],
+                                         error=_describe(exc)))
+        return results
+
+    def _commit_one(self, txn: LmdbTxn, item: IngestItem, manifest: Manifest,
+                    prepared: list[Prepared], new: int, dirs: dict[bytes, Node]) -> AddResult:
+        dirname, _, base = item.dest.rstrip("/").rpartition("/")
+        if not base:
+            if item.kind == Kind.DIR:
+                return AddResult("/", kind="dir")
+            raise IsDirectoryError("/ is a directory")
+        name = check_name(os.fsencode(base))
+        attrs = _attrs(item.mode, item.mtime_ns or time.time_ns())
+        parent = dirs.get(dirname.encode()) if dirname else None
+        if parent is None:
+            parent = self._ensure_dirs(txn, split_path(dirname), 0o755, dirs)
+            dirs[dirname.encode()] = parent
+        parts = [name]
+        existing_id = self.ns.lookup(txn, parent.id, parts[-1])
+        existing = self.ns.get(txn, existing_id) if existing_id else None
+        path = _norm(item.dest)
+        if item.kind == Kind.DIR:
+            if existing is None:
+                self.ns.create(txn, parent, parts[-1], Kind.DIR, attrs)
+            elif existing.kind != Kind.DIR:
+                raise NotDirectoryError(f"{path} exists and is not a directory")
+            else:
+                self.ns.set_attrs(txn, existing, attrs)
+            return AddResult(path, kind="dir")
+        if item.kind == Kind.SYMLINK:
+            if existing is not None:
+                self.ns.remove(txn, existing)
+            self.ns.create(txn, parent, parts[-1], Kind.SYMLINK,
+                           {**attrs, b"target": item.target})
+            return AddResult(path, kind="symlink", size=len(item.target))
+        for p in prepared:
+            new += self.store.put_encoded_in(txn, p.cid, p.raw_len, p.codec, p.stored)
+        mid = self.files.put_manifest_in(txn, manifest)
+        if existing is not None and existing.kind == Kind.DIR:
+            raise IsDirectoryError(f"{path} is a directory")
+        if existing is not None and existing.kind == Kind.SYMLINK:
+            self.ns.remove(txn, existing)
+            existing = None
+        if existing is None:
+            self.ns.create(txn, parent, parts[-1], Kind.FILE, attrs, mid.digest, manifest.size,
+                           known_absent=True)
+        else:
+            self.ns.set_content(txn, existing, mid.digest, manifest.size, attrs)
+        return AddResult(path, content=mid.hex, size=manifest.size, new_chunks=new)
+
+    # -- checks and figures ---------------------------------------------------------------
+    def stats(self) -> dict[str, int | float | str]:
+        def run(t: LmdbTxn) -> dict[str, int | float | str]:
+            counters = read_counters(t)
+            files = dirs = symlinks = logical = 0
+            for _, raw in t.scan("nodes"):
+                node = Node.decode(NodeId(b"\x00" * 16), bytes(raw))
+                if node.parent is None or node.parent == TRASH:
+                    continue
+                if node.kind == Kind.FILE:
+                    files += 1
+                    logical += node.head.size if node.head else 0
+                elif node.kind == Kind.DIR:
+                    dirs += 1
+                elif node.kind == Kind.SYMLINK:
+                    symlinks += 1
+            ops = sum(self.ns.vv(t).values())
+            return {"chunks": counters["chunks"], "raw_bytes": counters["raw_bytes"],
+                    "stored_bytes": counters["stored_bytes"], "files": files, "dirs": dirs,
+                    "symlinks": symlinks, "logical_bytes": logical, "ops": ops}
+        out = self.env.read(run)
+        raw, stored = int(out["raw_bytes"]), int(out["stored_bytes"])
+        out["dedup_ratio"] = round(int(out["logical_bytes"]) / raw, 3) if raw else 1.0
+        out["compression_ratio"] = round(raw / stored, 3) if stored else 1.0
+        out["disk_bytes"] = self.env.disk_usage()
+        out["map_size"] = self.env.map_size()
+        out["replica"] = self.replica.hex()
+        out["chunker"] = chunking.chunker_name()
+        out["compression_level"] = self.store.level
+        return out
+
+    def verify(self, on_progress: Callable[[VerifyReport, int], None] | None = None
+               ) -> VerifyReport:
+        """Re-hash every local chunk and check every manifest. Never stops at the first
+        problem; on_progress(report, total_chunks) is called every few chunks."""
+        report = VerifyReport()
+        total = int(self.env.read(lambda t: read_counters(t)["chunks"]))
+        after: ChunkId | None = None
+        while True:
+            ids = self.env.read(lambda t: _chunk_page(t, after))
+            if not ids:
+                break
+            for cid in ids:
+                try:
+                    report.bytes += len(self.store.get(cid))
+                except IntegrityError:
+                    report.corrupt.append(cid.hex)
+                except ChunkNotFoundError:
+                    report.missing.append(cid.hex)
+                report.chunks += 1
+                if on_progress and report.chunks % 16 == 0:
+                    on_progress(report, total)
+            after = ids[-1]
+        self.env.read(lambda t: self._verify_manifests(t, report))
+        if on_progress:
+            on_progress(report, total)
+        return report
+
+    def _verify_manifests(self, txn: LmdbTxn, report: VerifyReport) -> None:
+        for key, raw in txn.scan("manifests"):
+            if len(raw) <= 4:
+                continue
+            report.manifests += 1
+            mid = ChunkId(bytes(key))
+            try:
+                manifest = self.files.load_in(txn, mid)
+            except IntegrityError:
+                report.corrupt.append(mid.hex)
+                continue
+            if self.files.manifest_refs(txn, mid) == 0:
+                continue
+            for cid in manifest.chunks:
+                if not self.store.has_in(txn, cid) and cid.hex not in report.missing:
+                    report.missing.append(cid.hex)
+
+
+def _chunk_page(txn: LmdbTxn, after: ChunkId | None) -> list[ChunkId]:
+    out: list[ChunkId] = []
+    for key, _ in txn.scan("chunkmeta", start=after.digest if after else None):
+        cid = ChunkId(bytes(key))
+        if after is not None and cid == after:
+            continue
+        out.append(cid)
+        if len(out) >= 256:
+            break
+    return out
+
+
+def plan_paths(paths: Iterable[str], dest: str, recursive: bool
+               ) -> tuple[list[IngestItem], list[AddResult]]:
+    """Walk local paths into ingest items (sorted, depth first) and per-path errors."""
+    items: list[IngestItem] = []
+    errors: list[AddResult] = []
+    for raw in paths:
+        src = os.path.abspath(raw)
+        base = os.path.basename(src.rstrip("/")) or "root"
+        target = _join(_norm(dest), base)
+        try:
+            info = os.lstat(src)
+        except OSError as exc:
+            errors.append(AddResult(raw, error=_describe(exc)))
+            continue
+        if st.S_ISDIR(info.st_mode) and not recursive:
+            errors.append(AddResult(raw, kind="dir",
+                                    error=f"{raw} is a directory (use -r to add it)"))
+            continue
+        _walk(src, target, info, items, errors)
+    return items, errors
+
+
+def _walk(src: str, target: str, info: os.stat_result, items: list[IngestItem],
+          errors: list[AddResult]) -> None:
+    mode, mtime = st.S_IMODE(info.st_mode), info.st_mtime_ns
+    if st.S_ISREG(info.st_mode):
+        items.append(IngestItem(target, Kind.FILE, mode, mtime, source=src, size=info.st_size))
+    elif st.S_ISLNK(info.st_mode):
+        items.append(IngestItem(target, Kind.SYMLINK, mode, mtime,
+                                target=os.fsencode(os.readlink(src))))
+    elif st.S_ISDIR(info.st_mode):
+        items.append(IngestItem(target, Kind.DIR, mode, mtime))
+        try:
+            entries = sorted(os.scandir(src), key=lambda e: e.name)
+        except OSError as exc:
+            errors.append(AddResult(src, kind="dir", error=_describe(exc)))
+            return
+        for e in entries:
+            try:
+                _walk(e.path, _join(target, e.name), e.stat(follow_symlinks=False), items,
+                      errors)
+            except OSError as exc:
+                errors.append(AddResult(e.path, error=_describe(exc)))
+    else:
+        errors.append(AddResult(src, error=f"{src}: not a regular file, directory or symlink"))
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            break
+        got += n
+    return bytes(view[:got])
+
+
+def _attrs(mode: int, mtime_ns: int) -> dict[bytes, bytes | None]:
+    return {b"mode": int_attr(mode & 0o7777), b"mtime": int_attr(mtime_ns)}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    return str(exc)
+
+
+def _norm(path: str) -> str:
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return "/" + "/".join(parts)
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _looks_like_id(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text.lower())

@@ -1,0 +1,359 @@
+"""LMDB storage: the environment (named sub-databases, durable commits, map growth, full-disk
+handling) and LmdbStore, the BlobStore over it. The only module that imports lmdb.
+
+Durability: sync=True, metasync=True, writemap=False. A commit that returned is on disk and
+survives kill -9 and power loss; writemap=True is avoided because it dies with SIGBUS when the
+disk fills. LMDB keeps no checksums, so every chunk is re-hashed on read (IntegrityError).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import lmdb
+
+from castore import codec
+from castore.errors import ChunkNotFoundError, RepoError, StorageFullError
+from castore.ids import ChunkId
+from castore.store import StoredChunk
+from castore.store.memory import verify
+
+if TYPE_CHECKING:
+    from castore.store import BlobStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DBS = ("chunks", "chunkmeta", "manifests", "ops", "opseq", "nodes", "dirents", "superseded",
+       "meta")
+DEFAULT_MAP_SIZE = 1 << 40          # sparse: the file grows only to what is used
+MAX_MAP_SIZE = 1 << 44
+_META = struct.Struct("<IB")        # raw_len, codec
+_COUNTERS = ("chunks", "raw_bytes", "stored_bytes")
+
+
+class LmdbTxn:
+    """KvTxn over one lmdb transaction. Values are memoryviews valid inside it only."""
+
+    __slots__ = ("_txn", "_dbs", "counters", "cache", "before_commit")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
+        self._txn = txn
+        self._dbs = dbs
+        self.counters: dict[str, int] = {}
+        self.cache: dict[str, object] = {}          # per-transaction memo of upper layers
+        self.before_commit: list[Callable[[], None]] = []
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        return self._txn.get(key, db=self._dbs[db])
+
+    def put(self, db: str, key: bytes, value: bytes | memoryview, overwrite: bool = True) -> bool:
+        return bool(self._txn.put(key, value, db=self._dbs[db], overwrite=overwrite))
+
+    def delete(self, db: str, key: bytes) -> bool:
+        return bool(self._txn.delete(key, db=self._dbs[db]))
+
+    def scan(self, db: str, prefix: bytes = b"", start: bytes | None = None,
+             reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        cur = self._txn.cursor(db=self._dbs[db])
+        if reverse:
+            seek = start if start is not None else prefix + b"\xff" * 64
+            if cur.set_range(seek):
+                if bytes(cur.key()) > seek:
+                    if not cur.prev():
+                        return
+            elif not cur.last():
+                return
+            while True:
+                k = bytes(cur.key())
+                if not k.startswith(prefix):
+                    if k < prefix:
+                        return
+                else:
+                    yield k, cur.value()
+                if not cur.prev():
+                    return
+        else:
+            seek = max(prefix, start) if start is not None else prefix
+            if not cur.set_range(seek):
+                return
+            for k, v in cur:
+                k = bytes(k)
+                if not k.startswith(prefix):
+                    return
+                yield k, v
+
+    def count(self, name: str, delta: int) -> None:
+        self.counters[name] = self.counters.get(name, 0) + delta
+
+
+def _is_disk_full(exc: lmdb.Error) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("No space left", "Input/output error", "Disk quota",
+                                   "MDB_TXN_FULL", "ENOSPC", "EIO"))
+
+
+class LmdbEnv:
+    """One LMDB environment of a repo, shared by every thread of the process.
+
+    write(fn) runs fn(txn) in a write transaction and commits durably; on MapFullError the map
+    doubles and fn runs again, so fn must be safe to re-run. A full disk raises
+    StorageFullError: the transaction is rolled back, committed data stays readable, and the
+    next write succeeds once space returns.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], map_size: int = DEFAULT_MAP_SIZE,
+                 max_readers: int = 512, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self._map_size = map_size
+        self._max_readers = max_readers
+        self._readonly = readonly
+        # Map growth needs every transaction of this process closed: a gate of active txns.
+        self._gate = threading.Condition()
+        self._active = 0
+        self._resizing = False
+        self._write_mutex = threading.Lock()
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            if not self._readonly:
+                self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.env = lmdb.open(str(self.path), map_size=self._map_size, max_dbs=len(DBS) + 2,
+                                 max_readers=self._max_readers, sync=True, metasync=True,
+                                 writemap=False, readahead=False, readonly=self._readonly,
+                                 meminit=False)
+        except lmdb.Error as exc:
+            raise RepoError(f"cannot open the store at {self.path}: {exc}") from None
+        self.dbs = {name: self.env.open_db(name.encode(), create=not self._readonly)
+                    for name in DBS}
+        if not self._readonly:
+            self.env.reader_check()      # clear reader slots of killed processes
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextmanager
+    def _entered(self) -> Iterator[None]:
+        with self._gate:
+            while self._resizing:
+                self._gate.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._active -= 1
+                self._gate.notify_all()
+
+    def read(self, fn: Callable[[LmdbTxn], T]) -> T:
+        """Run fn in a read transaction (a consistent snapshot)."""
+        for _ in range(3):
+            with self._entered():
+                try:
+                    with self.env.begin(buffers=True) as txn:
+                        return fn(LmdbTxn(txn, self.dbs))
+                except lmdb.MapResizedError:
+                    pass
+            self._grow(0)          # another process grew the map: adopt its size
+        raise RepoError("the store's map keeps changing size under this reader")
+
+    def write(self, fn: Callable[[LmdbTxn], T]) -> T:
+        """Run fn in a write transaction and commit durably. Retries fn after growing the map."""
+        if self._readonly:
+            raise RepoError("the store is open read-only")
+        with self._write_mutex:
+            while True:
+                grow = False
+                with self._entered():
+                    txn = self.env.begin(write=True, buffers=True)
+                    wrapped = LmdbTxn(txn, self.dbs)
+                    try:
+                        result = fn(wrapped)
+                        for hook in wrapped.before_commit:
+                            hook()
+                        if wrapped.counters:
+                            _flush_counters(wrapped)
+                        txn.commit()
+                        return result
+                    except lmdb.MapFullError:
+                        txn.abort()
+                        grow = True
+                    except lmdb.MapResizedError:
+                        txn.abort()
+                        grow = True
+                    except lmdb.Error as exc:
+                        txn.abort()
+                        if _is_disk_full(exc):
+                            raise StorageFullError(f"disk full: the write to {self.path} was "
+                                                   "rolled back; committed data is intact") \
+                                from None
+                        raise
+                    except BaseException:
+                        txn.abort()
+                        raise
+                if grow:
+                    self._grow(self.env.info()["map_size"] * 2)
+
+    def _grow(self, new_size: int) -> None:
+        if new_size > MAX_MAP_SIZE:
+            raise StorageFullError(f"the store map reached its limit of {MAX_MAP_SIZE} bytes")
+        with self._gate:
+            self._resizing = True
+            try:
+                while self._active:
+                    self._gate.wait()
+                self.env.set_mapsize(new_size)
+                if new_size:
+                    log.info("store map grown to %d MiB", new_size >> 20)
+            finally:
+                self._resizing = False
+                self._gate.notify_all()
+
+    def map_size(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def disk_usage(self) -> int:
+        return sum(f.stat().st_size for f in self.path.glob("*.mdb"))
+
+
+def _flush_counters(txn: LmdbTxn) -> None:
+    for name, delta in txn.counters.items():
+        key = b"count:" + name.encode()
+        old = txn.get("meta", key)
+        value = (int.from_bytes(old, "little", signed=True) if old is not None else 0) + delta
+        txn.put("meta", key, value.to_bytes(8, "little", signed=True))
+    txn.counters.clear()
+
+
+def read_counters(txn: LmdbTxn) -> dict[str, int]:
+    out = {}
+    for name in _COUNTERS:
+        v = txn.get("meta", b"count:" + name.encode())
+        out[name] = int.from_bytes(v, "little", signed=True) if v is not None else 0
+    return out
+
+
+class LmdbStore:
+    """BlobStore over an LmdbEnv: chunk bytes in `chunks`, (raw_len, codec) in `chunkmeta`.
+
+    The *_in methods run inside a caller's transaction, so a file commit can store its chunks,
+    manifest, reference counts and tree op atomically.
+    """
+
+    def __init__(self, env: LmdbEnv, level: int = codec.DEFAULT_LEVEL) -> None:
+        self.env = env
+        self.level = level
+
+    # -- inside a transaction -------------------------------------------------------------
+    def put_encoded_in(self, txn: LmdbTxn, cid: ChunkId, raw_len: int, tag: int,
+                       stored: bytes | memoryview) -> bool:
+        """Store already-verified, already-encoded bytes. True if newly stored."""
+        if not txn.put("chunkmeta", cid.digest, _META.pack(raw_len, tag), overwrite=False):
+            return False
+        txn.put("chunks", cid.digest, stored)
+        txn.count("chunks", 1)
+        txn.count("raw_bytes", raw_len)
+        txn.count("stored_bytes", len(stored))
+        return True
+
+    def has_in(self, txn: LmdbTxn, cid: ChunkId) -> bool:
+        return txn.get("chunkmeta", cid.digest) is not None
+
+    def get_in(self, txn: LmdbTxn, cid: ChunkId) -> bytes:
+        meta = txn.get("chunkmeta", cid.digest)
+        stored = txn.get("chunks", cid.digest)
+        if meta is None or stored is None:
+            raise ChunkNotFoundError(f"no chunk {cid} in the local store")
+        raw_len, tag = _META.unpack(meta)
+        data = codec.decode(tag, stored, raw_len)
+        verify(cid, data)
+        return bytes(data)
+
+    def delete_in(self, txn: LmdbTxn, cid: ChunkId) -> bool:
+        meta = txn.get("chunkmeta", cid.digest)
+        if meta is None:
+            return False
+        raw_len, _ = _META.unpack(meta)
+        stored = txn.get("chunks", cid.digest)
+        txn.count("chunks", -1)
+        txn.count("raw_bytes", -raw_len)
+        txn.count("stored_bytes", -(len(stored) if stored is not None else 0))
+        txn.delete("chunkmeta", cid.digest)
+        txn.delete("chunks", cid.digest)
+        return True
+
+    # -- BlobStore ------------------------------------------------------------------------
+    def has(self, cid: ChunkId) -> bool:
+        return self.env.read(lambda t: self.has_in(t, cid))
+
+    def get(self, cid: ChunkId) -> bytes:
+        return self.env.read(lambda t: self.get_in(t, cid))
+
+    def put(self, cid: ChunkId, data: bytes | memoryview) -> bool:
+        return self.put_many([(cid, data)]) == 1
+
+    def put_many(self, items: Iterable[tuple[ChunkId, bytes | memoryview]]) -> int:
+        """Verify, encode and store many chunks in one durable commit. Returns how many were new."""
+        encoded = []
+        for cid, data in items:
+            verify(cid, data)
+            tag, stored = codec.encode(data, self.level)
+            encoded.append((cid, len(data), tag, stored))
+        return self.env.write(
+            lambda t: sum(self.put_encoded_in(t, c, n, g, s) for c, n, g, s in encoded))
+
+    def delete(self, cid: ChunkId) -> None:
+        self.env.write(lambda t: self.delete_in(t, cid))
+
+    def ids(self, after: ChunkId | None = None) -> Iterator[ChunkId]:
+        start = after.digest if after else None
+        while True:
+            page = self.env.read(lambda t: _page(t, start))
+            for key in page:
+                if start is not None and key == start:
+                    continue
+                yield ChunkId(key)
+            if len(page) < 1000:
+                return
+            start = page[-1]
+
+    def get_stored(self, cid: ChunkId) -> StoredChunk:
+        def fetch(t: LmdbTxn) -> StoredChunk:
+            meta, stored = t.get("chunkmeta", cid.digest), t.get("chunks", cid.digest)
+            if meta is None or stored is None:
+                raise ChunkNotFoundError(f"no chunk {cid} in the local store")
+            raw_len, tag = _META.unpack(meta)
+            return StoredChunk(tag, raw_len, bytes(stored))
+        return self.env.read(fetch)
+
+    def put_stored(self, cid: ChunkId, chunk: StoredChunk) -> bool:
+        verify(cid, codec.decode(chunk.codec, chunk.data, chunk.raw_len))
+        return self.env.write(
+            lambda t: self.put_encoded_in(t, cid, chunk.raw_len, chunk.codec, chunk.data))
+
+    def chunk_info(self, txn: LmdbTxn, cid: ChunkId) -> tuple[int, int] | None:
+        """(raw length, codec) of a stored chunk, or None."""
+        meta = txn.get("chunkmeta", cid.digest)
+        return None if meta is None else _META.unpack(meta)
+
+
+def _page(txn: LmdbTxn, start: bytes | None) -> list[bytes]:
+    out = []
+    for key, _ in txn.scan("chunkmeta", start=start):
+        out.append(key)
+        if len(out) >= 1000:
+            break
+    return out
+
+
+if TYPE_CHECKING:
+    _: type[BlobStore] = LmdbStore
