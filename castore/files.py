@@ -15,7 +15,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from castore import chunking, codec
 from castore.errors import ChunkNotFoundError, IntegrityError
@@ -85,8 +85,7 @@ class Manifest:
 EMPTY = Manifest((), ())
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
+class Prepared(NamedTuple):
     """A chunk hashed and encoded, ready to store."""
 
     cid: ChunkId

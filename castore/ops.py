@@ -105,12 +105,13 @@ def decode_attrs(buf: bytes, pos: int) -> tuple[Attrs, int]:
     return out, pos
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Op:
     """One namespace operation. `key` orders ops; `seq` numbers the origin's ops from 1.
 
     MOVE places `node` at (parent, name); with a manifest it also records a first version.
     CONTENT records a version replacing `parents`. Any op may set attributes (LWW per key).
+    Treat as immutable once made (not frozen only because frozen dataclasses are slow to build).
     """
 
     key: bytes

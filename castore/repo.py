@@ -274,14 +274,29 @@ class Repo:
         """Add local files (and trees, with recursive) under dest. Yields one result per
         item, each after its commit is durable. on_progress(files, bytes, total_files,
         total_bytes) is called as work proceeds."""
+        for group in self.add_paths_batches(paths, dest, recursive, on_progress):
+            yield from group
+
+    def add_paths_batches(self, paths: Iterable[str], dest: str = "/", recursive: bool = False,
+                          on_progress: Callable[[int, int, int, int], None] | None = None
+                          ) -> Iterator[list[AddResult]]:
+        """add_paths, yielding the results of each commit together."""
         items, errors = plan_paths(paths, dest, recursive)
-        yield from errors
-        yield from self.ingest(items, on_progress)
+        if errors:
+            yield errors
+        yield from self.ingest_batches(items, on_progress)
 
     def ingest(self, items: Iterable[IngestItem],
                on_progress: Callable[[int, int, int, int], None] | None = None
                ) -> Iterator[AddResult]:
         """Commit items in batches; yields each result once its batch is durable."""
+        for group in self.ingest_batches(items, on_progress):
+            yield from group
+
+    def ingest_batches(self, items: Iterable[IngestItem],
+                       on_progress: Callable[[int, int, int, int], None] | None = None
+                       ) -> Iterator[list[AddResult]]:
+        """ingest, yielding the results of each commit (or each failed item) together."""
         items = list(items) if on_progress else items
         total_files = len(items) if isinstance(items, list) else 0
         total_bytes = sum(i.size for i in items) if isinstance(items, list) else 0
@@ -299,7 +314,7 @@ class Repo:
             if on_progress:
                 on_progress(done_files, done_bytes, total_files, total_bytes)
 
-        def flush() -> Iterator[AddResult]:
+        def flush() -> Iterator[list[AddResult]]:
             nonlocal batch, batch_bytes, done_files
             if not batch:
                 return
@@ -308,13 +323,13 @@ class Repo:
             batch, batch_bytes = [], 0
             if on_progress:
                 on_progress(done_files, done_bytes, total_files, total_bytes)
-            yield from results
+            yield results
 
         for item in items:
             try:
                 manifest, prepared, new = self._prepare(item, pipeline, bytes_done)
             except (OSError, CastoreError) as exc:
-                yield AddResult(item.dest, kind=KIND_NAMES[item.kind], error=_describe(exc))
+                yield [AddResult(item.dest, kind=KIND_NAMES[item.kind], error=_describe(exc))]
                 continue
             if not batch:
                 first = time.monotonic()
@@ -350,7 +365,8 @@ class Repo:
                 data = os.read(fd, size + 1) if size < (1 << 20) else _read_all(fd, size)
             finally:
                 os.close(fd)
-        prepared = [prepare(c, level) for c in chunking.split(data)]
+        prepared = [prepare(data, level)] if len(data) <= chunking.MIN_SIZE else \
+            [prepare(c, level) for c in chunking.split(data)]
         bytes_done(len(data))
         return Manifest(tuple(p.cid for p in prepared), tuple(p.raw_len for p in prepared)), \
             prepared, 0

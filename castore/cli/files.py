@@ -55,22 +55,24 @@ def cmd_add(ctx: Any) -> int:
     started = time.monotonic()
     count = total = 0
     with ctx.api() as api:
-        for r in api.add_paths(args.paths, args.to, args.recursive,
-                               lambda f, b, tf, tb: bar.update(f, tf, b, tb)):
-            if r.error:
-                failed += 1
-                bar.finish()
-                print(f"castore: error: {r.error}", file=sys.stderr)
-                continue
-            count += 1
-            total += r.size
-            if r.kind != "file":
-                continue
+        groups = api.add_paths_batches(args.paths, args.to, args.recursive,
+                                       lambda f, b, tf, tb: bar.update(f, tf, b, tb))
+        for group in groups:
             bar.finish()
-            if ctx.json:
-                ctx.emit(r)
-            else:
-                print(f"added {r.content} {r.path}", flush=True)
+            for r in group:
+                if r.error:
+                    failed += 1
+                    print(f"castore: error: {r.error}", file=sys.stderr)
+                    continue
+                count += 1
+                total += r.size
+                if r.kind != "file":
+                    continue
+                if ctx.json:
+                    ctx.emit(r)
+                else:
+                    print(f"added {r.content} {r.path}")
+            sys.stdout.flush()        # a printed line means a durable commit
     bar.finish()
     if not ctx.json and ctx.progress:
         secs = time.monotonic() - started

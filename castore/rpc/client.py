@@ -73,27 +73,34 @@ class RemoteRepo:
     def add_paths(self, paths: Iterable[str], dest: str = "/", recursive: bool = False,
                   on_progress: Callable[[int, int, int, int], None] | None = None
                   ) -> Iterator[AddResult]:
+        for group in self.add_paths_batches(paths, dest, recursive, on_progress):
+            yield from group
+
+    def add_paths_batches(self, paths: Iterable[str], dest: str = "/", recursive: bool = False,
+                          on_progress: Callable[[int, int, int, int], None] | None = None
+                          ) -> Iterator[list[AddResult]]:
         request = pb.AddPathsRequest(paths=[os.path.abspath(p) for p in paths], dest=dest,
                                      recursive=recursive)
         events = self._stub.AddPaths(request, timeout=self.config.stream_timeout)
-        yield from self._results("add", events, on_progress)
+        yield from self._groups("add", events, on_progress)
 
     def ingest(self, items: Iterable[IngestItem],
                on_progress: Callable[[int, int, int, int], None] | None = None
                ) -> Iterator[AddResult]:
         """Stream items (with data, chunks or a local source) through one Put call."""
         events = self._stub.Put(_put_requests(items), timeout=self.config.stream_timeout)
-        yield from self._results("put", events, on_progress)
+        for group in self._groups("put", events, on_progress):
+            yield from group
 
-    def _results(self, what: str, events: Iterable[pb.AddEvent],
-                 on_progress: Callable[[int, int, int, int], None] | None
-                 ) -> Iterator[AddResult]:
+    def _groups(self, what: str, events: Iterable[pb.AddEvent],
+                on_progress: Callable[[int, int, int, int], None] | None
+                ) -> Iterator[list[AddResult]]:
         for event in self._stream(what, events):
-            if event.WhichOneof("event") == "result":
-                yield result_from_pb(event.result)
-            elif on_progress:
+            if on_progress and event.HasField("progress"):
                 p = event.progress
                 on_progress(p.done, p.bytes, p.total, p.total_bytes)
+            if event.results:
+                yield [result_from_pb(r) for r in event.results]
 
     def read(self, target: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
         request = pb.GetRequest(target=target, offset=offset, length=length or 0,

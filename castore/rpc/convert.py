@@ -17,9 +17,9 @@ def entry_from_pb(m: pb.Entry) -> Entry:
                  target=m.target, node=m.node, xattrs=dict(m.xattrs))
 
 
-def result_to_pb(r: AddResult) -> pb.AddEvent:
-    return pb.AddEvent(result=pb.AddResult(path=r.path, content=r.content, size=r.size,
-                                           new_chunks=r.new_chunks, kind=r.kind, error=r.error))
+def result_to_pb(r: AddResult) -> pb.AddResult:
+    return pb.AddResult(path=r.path, content=r.content, size=r.size, new_chunks=r.new_chunks,
+                        kind=r.kind, error=r.error)
 
 
 def result_from_pb(m: pb.AddResult) -> AddResult:

@@ -46,13 +46,13 @@ class _Progress:
     def update(self, files: int, nbytes: int, total_files: int, total_bytes: int) -> None:
         self.values = (files, nbytes, total_files, total_bytes)
 
-    def due(self) -> pb.AddEvent | None:
+    def due(self) -> pb.Progress | None:
         now = time.monotonic()
         if now - self._last < PROGRESS_EVERY:
             return None
         self._last = now
         f, b, tf, tb = self.values
-        return pb.AddEvent(progress=pb.Progress(done=f, total=tf, bytes=b, total_bytes=tb))
+        return pb.Progress(done=f, total=tf, bytes=b, total_bytes=tb)
 
 
 class ClientServicer(pbg.ClientServicer):
@@ -71,8 +71,8 @@ class ClientServicer(pbg.ClientServicer):
                 if not os.path.isabs(p):
                     raise UsageError(f"paths sent to the daemon must be absolute: {p}")
             progress = _Progress()
-            results = self._repo.add_paths(list(request.paths), request.dest or "/",
-                                           request.recursive, progress.update)
+            results = self._repo.add_paths_batches(list(request.paths), request.dest or "/",
+                                                   request.recursive, progress.update)
             yield from _with_progress(results, progress, context)
 
     def Put(self, request_iterator: Iterator[pb.PutRequest], context: grpc.ServicerContext
@@ -80,7 +80,8 @@ class ClientServicer(pbg.ClientServicer):
         with abort_on_error(context):
             reader = _PutReader(request_iterator)
             progress = _Progress()
-            yield from _with_progress(self._repo.ingest(reader.items(), None), progress, context)
+            yield from _with_progress(self._repo.ingest_batches(reader.items(), None), progress,
+                                      context)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext
             ) -> Iterator[pb.DataChunk]:
@@ -156,13 +157,10 @@ class ClientServicer(pbg.ClientServicer):
         return pb.Empty()
 
 
-def _with_progress(results: Iterator[AddResult], progress: _Progress,
+def _with_progress(groups: Iterator[list[AddResult]], progress: _Progress,
                    context: grpc.ServicerContext) -> Iterator[pb.AddEvent]:
-    for r in results:
-        event = progress.due()
-        if event is not None:
-            yield event
-        yield result_to_pb(r)
+    for group in groups:
+        yield pb.AddEvent(results=[result_to_pb(r) for r in group], progress=progress.due())
         if not context.is_active():
             return
 
