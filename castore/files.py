@@ -2,7 +2,11 @@
 stores them.
 
 A manifest lists (ChunkId, length) with cumulative offsets, so a read bisects to its chunk;
-it is itself content-addressed (ChunkId of its encoding). Manifests carry a reference count
+it is itself content-addressed (ChunkId of its encoding). A file version names its content by
+a *content ref*: the 32-byte id of a stored manifest, or, for a file of one chunk, b"C" and
+the chunk id (the manifest is implied, as IPFS does with raw leaves), or b"0" for an empty
+file. The content id shown to users is the 64-hex manifest id or chunk id. Manifests carry a
+reference count
 (the number of namespace heads naming them). Chunks carry no count of their own: garbage
 collection marks the chunks of every referenced manifest and sweeps the rest, so a commit
 touches one counter, not one per chunk. Uses the store only; knows nothing of the tree.
@@ -83,6 +87,15 @@ class Manifest:
 
 
 EMPTY = Manifest((), ())
+INLINE = b"C"            # content ref prefix of a one-chunk file
+EMPTY_REF = b"0"         # content ref of an empty file
+
+
+def content_id(ref: bytes) -> str:
+    """The 64-hex id users see for a content ref."""
+    if len(ref) < 32:
+        return EMPTY.id.hex
+    return bytes(ref[-32:]).hex()
 
 
 class Prepared(NamedTuple):
@@ -106,6 +119,44 @@ class Files:
     def __init__(self, store: LmdbStore) -> None:
         self.store = store
 
+    # -- content refs ---------------------------------------------------------------------
+    def put_content_in(self, txn: LmdbTxn, manifest: Manifest) -> bytes:
+        """Store what a version needs to name this content, and return its content ref."""
+        if not manifest.chunks:
+            return EMPTY_REF
+        if len(manifest.chunks) == 1:
+            return INLINE + manifest.chunks[0].digest
+        return self.put_manifest_in(txn, manifest).digest
+
+    def manifest_for(self, txn: LmdbTxn, ref: bytes, size: int) -> Manifest:
+        """The manifest a content ref names (size is the version's size)."""
+        ref = bytes(ref)
+        if len(ref) < 32:
+            return EMPTY
+        if len(ref) == 33 and ref[:1] == INLINE:
+            return Manifest((ChunkId(ref[1:]),), (size,))
+        return self.load_in(txn, ChunkId(ref))
+
+    def chunk_count(self, txn: LmdbTxn, ref: bytes) -> int:
+        if len(ref) < 32:
+            return 0
+        if len(ref) == 33:
+            return 1
+        raw = txn.get("manifests", bytes(ref))
+        return (len(raw) - _REFS.size - _HEAD.size) // _ENTRY.size if raw is not None and \
+            len(raw) > _REFS.size else 0
+
+    def load_by_id(self, txn: LmdbTxn, cid: ChunkId) -> Manifest:
+        """The content named by a user-visible content id: a manifest, or a single chunk."""
+        if cid == EMPTY.id:
+            return EMPTY
+        if self.has_manifest_in(txn, cid):
+            return self.load_in(txn, cid)
+        info = self.store.chunk_info(txn, cid)
+        if info is None:
+            raise ChunkNotFoundError(f"no content {cid} in the local store")
+        return Manifest((cid,), (info[0],))
+
     # -- manifests ------------------------------------------------------------------------
     def put_manifest_in(self, txn: LmdbTxn, manifest: Manifest) -> ChunkId:
         body = manifest.encode()
@@ -125,11 +176,15 @@ class Files:
     def has_manifest_in(self, txn: LmdbTxn, mid: ChunkId) -> bool:
         return txn.get("manifests", mid.digest) is not None
 
-    def retain(self, txn: LmdbTxn, mid_raw: bytes) -> None:
-        self._adjust(txn, ChunkId(mid_raw), +1)
+    def retain(self, txn: LmdbTxn, ref: bytes) -> None:
+        """A version naming this content ref became a head."""
+        if len(ref) == 32:
+            self._adjust(txn, ChunkId(ref), +1)
 
-    def release(self, txn: LmdbTxn, mid_raw: bytes) -> None:
-        self._adjust(txn, ChunkId(mid_raw), -1)
+    def release(self, txn: LmdbTxn, ref: bytes) -> None:
+        """A version naming this content ref stopped being a head."""
+        if len(ref) == 32:
+            self._adjust(txn, ChunkId(ref), -1)
 
     def _adjust(self, txn: LmdbTxn, mid: ChunkId, delta: int) -> None:
         raw = txn.get("manifests", mid.digest)

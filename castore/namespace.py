@@ -50,7 +50,7 @@ def _dirent_key(parent: NodeId, name: bytes, nid: NodeId) -> bytes:
 class Namespace:
     """The tree engine over a KvTxn. Every method runs inside the caller's transaction.
 
-    on_retain/on_release are called with a manifest id when a version becomes, or stops being,
+    on_retain/on_release are called with a content ref when a version becomes, or stops being,
     a head, so the caller can keep reference counts in the same transaction. Not thread-safe by
     itself: the store serializes write transactions.
     """

@@ -20,7 +20,7 @@ from castore import chunking
 from castore.config import Config
 from castore.errors import (CastoreError, ChunkNotFoundError, IntegrityError, IsDirectoryError,
                             NotDirectoryError, PathNotFoundError, RepoError, UsageError)
-from castore.files import EMPTY, ChunkPipeline, Files, Manifest, Prepared, prepare
+from castore.files import EMPTY, ChunkPipeline, Files, Manifest, Prepared, content_id, prepare
 from castore.hlc import HybridClock
 from castore.ids import ROOT, TRASH, ChunkId, NodeId
 from castore.namespace import Namespace
@@ -45,7 +45,7 @@ class Entry:
     size: int = 0
     mode: int = 0
     mtime_ns: int = 0
-    content: str = ""                # manifest id (hex) of the current version
+    content: str = ""                # content id (hex) of the current version
     chunks: int = 0
     versions: int = 0                # concurrent heads; more than 1 means a conflict
     target: str = ""                 # symlink target
@@ -153,17 +153,14 @@ class Repo:
     # -- reading --------------------------------------------------------------------------
     def _entry(self, txn: LmdbTxn, node: Node, path: str) -> Entry:
         head = node.head
-        chunks = 0
-        if head is not None and head.manifest:
-            raw = txn.get("manifests", head.manifest)
-            chunks = (len(raw) - 12) // 36 if raw is not None and len(raw) > 4 else 0
+        chunks = self.files.chunk_count(txn, head.manifest) if head is not None else 0
         xattrs = {k[2:].decode(errors="surrogateescape"): v for k, (_, v) in node.attrs.items()
                   if k.startswith(b"x:") and v is not None}
         default_mode = 0o755 if node.kind == Kind.DIR else 0o644
         return Entry(path=path, name=os.fsdecode(node.name) if node.id != ROOT else "/",
                      kind=KIND_NAMES[node.kind], size=head.size if head else 0,
                      mode=node.attr_int(b"mode", default_mode), mtime_ns=node.attr_int(b"mtime"),
-                     content=head.manifest.hex() if head else "", chunks=chunks,
+                     content=content_id(head.manifest) if head else "", chunks=chunks,
                      versions=len(node.heads), target=os.fsdecode(node.attr(b"target") or b""),
                      node=node.id.raw.hex(), xattrs=xattrs)
 
@@ -188,14 +185,14 @@ class Repo:
         """The manifest of a path's current version, or of a content id."""
         def run(t: LmdbTxn) -> Manifest:
             if _looks_like_id(target):
-                return self.files.load_in(t, ChunkId.from_hex(target))
+                return self.files.load_by_id(t, ChunkId.from_hex(target))
             node = self.ns.resolve(t, target)
             if node.kind == Kind.DIR:
                 raise IsDirectoryError(f"{target} is a directory")
             head = node.head
-            if head is None or not head.manifest:
+            if head is None:
                 return EMPTY
-            return self.files.load_in(t, ChunkId(head.manifest))
+            return self.files.manifest_for(t, head.manifest, head.size)
         return self.env.read(run)
 
     def read(self, target: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
@@ -365,8 +362,12 @@ class Repo:
                 data = os.read(fd, size + 1) if size < (1 << 20) else _read_all(fd, size)
             finally:
                 os.close(fd)
-        prepared = [prepare(data, level)] if len(data) <= chunking.MIN_SIZE else \
-            [prepare(c, level) for c in chunking.split(data)]
+        if not data:
+            prepared = []
+        elif len(data) <= chunking.MIN_SIZE:
+            prepared = [prepare(data, level)]
+        else:
+            prepared = [prepare(c, level) for c in chunking.split(data)]
         bytes_done(len(data))
         return Manifest(tuple(p.cid for p in prepared), tuple(p.raw_len for p in prepared)), \
             prepared, 0
@@ -416,18 +417,18 @@ class Repo:
             return AddResult(path, kind="symlink", size=len(item.target))
         for p in prepared:
             new += self.store.put_encoded_in(txn, p.cid, p.raw_len, p.codec, p.stored)
-        mid = self.files.put_manifest_in(txn, manifest)
+        ref = self.files.put_content_in(txn, manifest)
         if existing is not None and existing.kind == Kind.DIR:
             raise IsDirectoryError(f"{path} is a directory")
         if existing is not None and existing.kind == Kind.SYMLINK:
             self.ns.remove(txn, existing)
             existing = None
         if existing is None:
-            self.ns.create(txn, parent, parts[-1], Kind.FILE, attrs, mid.digest, manifest.size,
+            self.ns.create(txn, parent, parts[-1], Kind.FILE, attrs, ref, manifest.size,
                            known_absent=True)
         else:
-            self.ns.set_content(txn, existing, mid.digest, manifest.size, attrs)
-        return AddResult(path, content=mid.hex, size=manifest.size, new_chunks=new)
+            self.ns.set_content(txn, existing, ref, manifest.size, attrs)
+        return AddResult(path, content=content_id(ref), size=manifest.size, new_chunks=new)
 
     # -- checks and figures ---------------------------------------------------------------
     def stats(self) -> dict[str, int | float | str]:
