@@ -18,7 +18,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 from castore import chunking, codec
@@ -261,17 +261,54 @@ class ChunkPipeline:
                 commits.append(self.pool.submit(commit, batch))
                 batch, batch_bytes = [], 0
 
-        for chunk in chunks:
-            pending.append(self.pool.submit(prepare, chunk, level))
-            if len(pending) >= self.window:
+        try:
+            for chunk in chunks:
+                pending.append(self.pool.submit(prepare, chunk, level))
+                if len(pending) >= self.window:
+                    take()
+            while pending:
                 take()
-        while pending:
-            take()
-        while commits:
-            new += commits.popleft().result()
+            while commits:
+                new += commits.popleft().result()
+        except BaseException:
+            # e.g. disk full: let no commit of this file run on after the error is reported
+            for f in pending:
+                f.cancel()
+            wait([*pending, *commits])
+            raise
         if batch:
             new += commit(batch)
         return Manifest(tuple(ids), tuple(lengths)), new
+
+
+def prepare_files(paths: list[str], level: int
+                  ) -> list[tuple[list[tuple[bytes, int, int, bytes]], int] | str]:
+    """Read, cut, hash and encode small files; runs in a worker process. For each path:
+    ([(chunk digest, raw length, codec, stored bytes)], size), or an error message."""
+    out: list[tuple[list[tuple[bytes, int, int, bytes]], int] | str] = []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                size = os.fstat(fd).st_size
+                data = os.read(fd, size + 1)
+                while len(data) < size:          # short read of a larger file
+                    more = os.read(fd, size - len(data) + 1)
+                    if not more:
+                        break
+                    data += more
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            out.append(f"{path}: {exc.strerror or exc}")
+            continue
+        pieces = [data] if 0 < len(data) <= chunking.MIN_SIZE else list(chunking.split(data))
+        chunks = []
+        for piece in pieces:
+            p = prepare(piece, level)
+            chunks.append((p.cid.digest, p.raw_len, p.codec, bytes(p.stored)))
+        out.append((chunks, len(data)))
+    return out
 
 
 def read_small(path: str | os.PathLike[str] | int, size: int) -> bytes:

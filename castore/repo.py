@@ -7,20 +7,26 @@ its transaction is durable.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import multiprocessing
 import os
 import stat as st
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from castore import chunking
 from castore.config import Config
 from castore.errors import (CastoreError, ChunkNotFoundError, IntegrityError, IsDirectoryError,
-                            NotDirectoryError, PathNotFoundError, RepoError, UsageError)
-from castore.files import EMPTY, ChunkPipeline, Files, Manifest, Prepared, content_id, prepare
+                            NotDirectoryError, PathNotFoundError, RepoError,
+                            StorageFullError, UsageError)
+from castore.files import (EMPTY, ChunkPipeline, Files, Manifest, Prepared, content_id, prepare,
+                           prepare_files)
 from castore.hlc import HybridClock
 from castore.ids import ROOT, TRASH, ChunkId, NodeId
 from castore.namespace import Namespace
@@ -33,6 +39,8 @@ BATCH_FILES = 2000              # small files per commit
 BATCH_BYTES = 32 << 20          # or this many bytes
 BATCH_SECONDS = 0.25            # or this long since the first pending file
 SMALL_FILE = 4 << 20            # up to this size a file is read whole; above, mmapped
+POOL_MIN_FILES = 512            # small files in an add before worker processes are used
+POOL_RUN = 256                  # small files per worker task
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,7 @@ class Repo:
         self.ns = Namespace(self.replica, HybridClock(last), self.files.retain,
                             self.files.release)
         self.pool = ThreadPoolExecutor(3, thread_name_prefix="castore-ingest")
+        self._procs: ProcessPoolExecutor | None = None
         self._closed = False
 
     def _last_ts(self, txn: LmdbTxn) -> int:
@@ -142,6 +151,8 @@ class Repo:
         if not self._closed:
             self._closed = True
             self.pool.shutdown(wait=True)
+            if self._procs is not None:
+                self._procs.shutdown(wait=True, cancel_futures=True)
             self.env.close()
 
     def __enter__(self) -> Repo:
@@ -322,9 +333,13 @@ class Repo:
                 on_progress(done_files, done_bytes, total_files, total_bytes)
             yield results
 
-        for item in items:
+        for item, outcome in self._prepared(items, pipeline, bytes_done):
             try:
-                manifest, prepared, new = self._prepare(item, pipeline, bytes_done)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                manifest, prepared, new = outcome
+            except StorageFullError:
+                raise                 # not this item's fault: stop the add (exit 7, not 1)
             except (OSError, CastoreError) as exc:
                 yield [AddResult(item.dest, kind=KIND_NAMES[item.kind], error=_describe(exc))]
                 continue
@@ -336,6 +351,78 @@ class Repo:
                     time.monotonic() - first >= BATCH_SECONDS:
                 yield from flush()
         yield from flush()
+
+    def _prepared(self, items: Iterable[IngestItem], pipeline: ChunkPipeline,
+                  bytes_done: Callable[[int], None]
+                  ) -> Iterator[tuple[IngestItem, tuple[Manifest, list[Prepared], int] |
+                                      BaseException]]:
+        """Each item with its prepared chunks (or the error), in order. Runs of small local
+        files are read, hashed and compressed in worker processes, ahead of the commits made
+        here, so both cores work; everything else is prepared in this thread."""
+        ahead: deque[tuple[list[IngestItem], Future[list[Any]] | None]] = deque()
+        run: list[IngestItem] = []
+        level = self.store.level
+
+        def pooled(item: IngestItem) -> bool:
+            return (item.kind == Kind.FILE and item.source is not None and item.data is None
+                    and item.chunks is None and item.size <= SMALL_FILE)
+
+        def submit() -> None:
+            nonlocal run
+            if run:
+                ahead.append((run, self._workers().submit(
+                    prepare_files, [i.source for i in run], level)))
+                run = []
+
+        def drain() -> Iterator[tuple[IngestItem, Any]]:
+            group, fut = ahead.popleft()
+            if fut is None:
+                try:
+                    yield group[0], self._prepare(group[0], pipeline, bytes_done)
+                except (OSError, CastoreError) as exc:
+                    yield group[0], exc
+                return
+            for item, res in zip(group, fut.result()):
+                if isinstance(res, str):
+                    yield item, CastoreError(res)
+                    continue
+                chunks, size = res
+                item.size = size
+                prepared = [Prepared(ChunkId(d), n, c, b) for d, n, c, b in chunks]
+                bytes_done(size)
+                yield item, (Manifest(tuple(p.cid for p in prepared),
+                                      tuple(p.raw_len for p in prepared)), prepared, 0)
+
+        source = iter(items)
+        first = list(itertools.islice(source, POOL_MIN_FILES))
+        if sum(1 for i in first if pooled(i)) < POOL_MIN_FILES:
+            for item in itertools.chain(first, source):      # too few to pay for the workers
+                try:
+                    yield item, self._prepare(item, pipeline, bytes_done)
+                except (OSError, CastoreError) as exc:
+                    yield item, exc
+            return
+        for item in itertools.chain(first, source):
+            if pooled(item):
+                run.append(item)
+                if len(run) >= POOL_RUN:
+                    submit()
+            else:
+                submit()
+                ahead.append(([item], None))
+            while len(ahead) > 3 or (ahead and ahead[0][1] is None and len(ahead) > 1):
+                yield from drain()
+        submit()
+        while ahead:
+            yield from drain()
+
+    def _workers(self) -> ProcessPoolExecutor:
+        if self._procs is None:
+            # forkserver: workers start from a clean process, never a fork of this
+            # multi-threaded one (gRPC and FUSE threads do not survive fork)
+            self._procs = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("forkserver"))
+        return self._procs
 
     def _prepare(self, item: IngestItem, pipeline: ChunkPipeline,
                  bytes_done: Callable[[int], None]) -> tuple[Manifest, list[Prepared], int]:
