@@ -25,6 +25,9 @@ class HybridClock:
         self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
         self._mutex = threading.Lock()
 
+    def wall_ms(self) -> int:
+        return self._wall_ms()
+
     @property
     def last(self) -> int:
         return self._last

@@ -16,21 +16,47 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from castore.errors import (ExistsError, InvalidNameError, IsDirectoryError, NotDirectoryError,
                             NotEmptyError, PathNotFoundError)
-from castore.hlc import HybridClock
+from castore.hlc import HybridClock, physical_ms
 from castore.ids import ROOT, TRASH, NodeId
 from castore.ops import (Attrs, Kind, Node, Op, OpType, Version, check_name, key_ts, op_key,
                          split_path)
 from castore.store import KvTxn
 
-__all__ = ["Attrs", "Kind", "Namespace", "Node", "Op", "OpType", "Version", "check_name",
-           "split_path"]
+__all__ = ["Attrs", "Kind", "Namespace", "Node", "Op", "OpType", "Version", "ViewEntry",
+           "check_name", "conflict_name", "split_path"]
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+MAX_SKEW_MS = 5 * 60 * 1000      # ops stamped further ahead than this are held, not applied
+CONFLICT_TAG = b".sync-conflict-"
+
+
+def conflict_name(name: bytes, key: bytes) -> bytes:
+    """Syncthing's name for a conflicting version: name.sync-conflict-YYYYMMDD-HHMMSS-<peer>.ext,
+    from the op key's time (UTC) and origin. Kept within the 255-byte name limit."""
+    when = time.strftime("%Y%m%d-%H%M%S", time.gmtime(physical_ms(key_ts(key)) / 1000))
+    tag = CONFLICT_TAG + when.encode() + b"-" + key[8:].hex()[:7].encode()
+    dot = name.rfind(b".")
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, b"")
+    room = 255 - len(tag) - len(ext)
+    return stem[:max(room, 1)] + tag + ext[:max(0, 255 - len(tag) - 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class ViewEntry:
+    """One name as users see it. version is None for the node's newest head, or the key of
+    an older concurrent head shown as a conflict copy."""
+
+    name: bytes
+    node: NodeId
+    kind: Kind
+    version: bytes | None = None
 
 _NO_UNDO = b""
 Hook = Callable[[KvTxn, bytes], None]
@@ -140,6 +166,54 @@ class Namespace:
         if pending is not None:
             yield pending[0], pending[2], pending[3]
 
+    def listing(self, txn: KvTxn, parent: NodeId) -> list[ViewEntry]:
+        """The directory as users see it, sorted by name: per name the node placed last keeps
+        the name and other nodes placed there concurrently get conflict names; a file with
+        several heads shows the newest at its name and each older head as a conflict copy."""
+        groups: dict[bytes, list[tuple[bytes, NodeId, Kind]]] = {}
+        for key, value in txn.scan("dirents", parent.raw):
+            groups.setdefault(key[16:-17], []).append(
+                (bytes(value[1:25]), NodeId(key[-16:]), Kind(value[0])))
+        out: list[ViewEntry] = []
+        for name, cands in groups.items():
+            cands.sort(reverse=True)
+            for i, (move_key, nid, kind) in enumerate(cands):
+                shown = name if i == 0 else conflict_name(name, move_key)
+                out.append(ViewEntry(shown, nid, kind))
+                if kind == Kind.FILE:
+                    node = self.get(txn, nid)
+                    if node is not None and len(node.heads) > 1:
+                        out.extend(ViewEntry(conflict_name(shown, h.key), nid, kind, h.key)
+                                   for h in node.heads[:-1])
+        out.sort(key=lambda e: e.name)
+        return out
+
+    def lookup_view(self, txn: KvTxn, parent: NodeId, name: bytes) -> ViewEntry | None:
+        """The entry named `name` in the users' view of parent (conflict names included)."""
+        nid = self.lookup(txn, parent, name)
+        if nid is not None:
+            node = self.get(txn, nid)
+            return ViewEntry(name, nid, node.kind if node else Kind.UNKNOWN)
+        if CONFLICT_TAG not in name:
+            return None
+        return next((e for e in self.listing(txn, parent) if e.name == name), None)
+
+    def resolve_view(self, txn: KvTxn, path: str | bytes) -> tuple[Node, bytes | None]:
+        """Like resolve, through the users' view: returns the node and, for a conflict copy,
+        the version it shows."""
+        node = self.get(txn, ROOT)
+        assert node is not None
+        version: bytes | None = None
+        for part in split_path(path):
+            if node.kind != Kind.DIR or version is not None:
+                raise NotDirectoryError(f"{os.fsdecode(node.name)} is not a directory")
+            entry = self.lookup_view(txn, node.id, part)
+            child = self.get(txn, entry.node) if entry else None
+            if entry is None or child is None:
+                raise PathNotFoundError(f"no such file or directory: {os.fsdecode(path)}")
+            node, version = child, entry.version
+        return node, version
+
     def has_children(self, txn: KvTxn, parent: NodeId) -> bool:
         return next(iter(txn.scan("dirents", parent.raw)), None) is not None
 
@@ -210,6 +284,13 @@ class Namespace:
             raise IsDirectoryError("a directory has no content")
         if parents is None:
             parents = tuple(h.key for h in node.heads)
+        if node.parent == TRASH and node.move_key:
+            spot = txn.get("revived", node.id.raw)
+            if spot is not None:            # shown again after a concurrent delete: make it real
+                self._op(txn, OpType.MOVE, node.id, parent=NodeId(bytes(spot[:16])),
+                         name=bytes(spot[16:]), kind=node.kind)
+            else:                           # an unlinked file written through an open handle
+                parents += (node.move_key,)
         op = self._op(txn, OpType.CONTENT, node.id, manifest=manifest, size=size,
                       parents=parents, attrs=dict(attrs or {}))
         return op.key
@@ -242,7 +323,7 @@ class Namespace:
             elif node.kind == Kind.DIR:
                 raise NotDirectoryError(f"{os.fsdecode(new_name)} is not a directory")
             self._op(txn, OpType.MOVE, target.id, parent=TRASH, name=target.id.raw.hex().encode(),
-                     kind=target.kind)
+                     kind=target.kind, parents=tuple(h.key for h in target.heads))
         self._op(txn, OpType.MOVE, node.id, parent=new_parent.id, name=new_name, kind=node.kind,
                  attrs=dict(attrs or {}))
 
@@ -253,7 +334,11 @@ class Namespace:
         if node.kind == Kind.DIR and self.has_children(txn, node.id):
             raise NotEmptyError(f"{os.fsdecode(node.name)} is not empty")
         self._op(txn, OpType.MOVE, node.id, parent=TRASH, name=node.id.raw.hex().encode(),
-                 kind=node.kind)
+                 kind=node.kind, parents=tuple(h.key for h in node.heads))
+
+    def drop_version(self, txn: KvTxn, node: Node, version: bytes) -> None:
+        """Retire one head (deleting a conflict copy): a CONTENT op with no new version."""
+        self._op(txn, OpType.CONTENT, node.id, parents=(version,))
 
     # -- applying ops (local and remote) --------------------------------------------------
     def apply(self, txn: KvTxn, op: Op, local: bool = False, fresh: bool = False) -> bool:
@@ -262,6 +347,9 @@ class Namespace:
         fresh=True for a local op creating a node with a new random id."""
         if not local:
             if txn.get("ops", op.key) is not None:
+                return False
+            if physical_ms(key_ts(op.key)) > self.clock.wall_ms() + MAX_SKEW_MS:
+                txn.put("held", op.key, op.encode())   # from a clock far ahead: hold it
                 return False
             self.clock.observe(key_ts(op.key))
         enc = op.encode()
@@ -286,7 +374,25 @@ class Namespace:
             self._do_attrs(txn, op)
         txn.put("ops", op.key, _entry(enc, undo))
         self._advance_vv(txn, op, local)
+        touched = txn.cache.setdefault("ns.touched", set())
+        if fresh:   # a new node under a live directory changes no revival
+            touched.clear()  # type: ignore[attr-defined]
+        else:
+            self._refresh_revivals(txn, touched)  # type: ignore[arg-type]
         return True
+
+    def held(self, txn: KvTxn) -> list[Op]:
+        """Ops held back because their clock was more than MAX_SKEW_MS ahead."""
+        return [Op.decode(v) for _, v in txn.scan("held")]
+
+    def release_held(self, txn: KvTxn) -> int:
+        """Apply held ops whose time has come; returns how many were applied."""
+        due = [op for op in self.held(txn)
+               if physical_ms(key_ts(op.key)) <= self.clock.wall_ms() + MAX_SKEW_MS]
+        for op in sorted(due, key=lambda o: o.key):
+            txn.delete("held", op.key)
+            self.apply(txn, op)
+        return len(due)
 
     def _save(self, txn: KvTxn, node: Node) -> None:
         self._cache(txn)[node.id] = node
@@ -309,6 +415,11 @@ class Namespace:
 
     def _place(self, txn: KvTxn, node: Node, parent: NodeId | None, name: bytes,
                move_key: bytes) -> None:
+        touched = txn.cache.setdefault("ns.touched", set())
+        touched.add(node.id)  # type: ignore[attr-defined]
+        for p in (node.parent, parent):
+            if p is not None and p not in (ROOT, TRASH):
+                touched.add(p)  # type: ignore[attr-defined]
         if node.parent is not None:
             txn.delete("dirents", _dirent_key(node.parent, node.name, node.id))
         node.parent, node.name, node.move_key = parent, name, move_key
@@ -342,6 +453,56 @@ class Namespace:
         else:
             self._place(txn, node, None, b"", b"")
 
+    # -- edit beats delete -----------------------------------------------------------------
+    def _refresh_revivals(self, txn: KvTxn, touched: set[NodeId]) -> None:
+        """Keep the derived 'revived' entries true for every touched node: a deleted file that
+        gained a version its delete did not see, or a deleted directory that gained entries,
+        shows again at the place it was deleted from. Derived only from the final state, so
+        every replica agrees whatever the order ops arrived in."""
+        for _ in range(100_000):
+            if not touched:
+                return
+            nid = touched.pop()
+            node = self.get(txn, nid)
+            raw = txn.get("revived", nid.raw)
+            have = (NodeId(bytes(raw[:16])), bytes(raw[16:])) if raw is not None else None
+            want = self._revival_spot(txn, node) if node is not None else None
+            if want == have:
+                continue
+            if have is not None:
+                txn.delete("dirents", _dirent_key(have[0], have[1], nid))
+                txn.delete("revived", nid.raw)
+                touched.add(have[0])
+            if want is not None and node is not None:
+                txn.put("dirents", _dirent_key(want[0], want[1], nid),
+                        bytes([node.kind]) + node.move_key)
+                txn.put("revived", nid.raw, want[0].raw + want[1])
+                touched.add(want[0])
+
+    def _revival_spot(self, txn: KvTxn, node: Node) -> tuple[NodeId, bytes] | None:
+        if node.parent != TRASH or not node.move_key:
+            return None
+        raw = txn.get("ops", node.move_key)
+        if raw is None:
+            return None
+        delete, undo = _split_entry(bytes(raw))
+        if undo[:1] != b"\x01":
+            return None
+        spot = (NodeId(undo[1:17]), undo[41:])
+        if spot[0] == TRASH:
+            return None
+        if node.kind == Kind.DIR:
+            return spot if self.has_children(txn, node.id) else None
+        seen = set(delete.parents)
+        for h in node.heads:
+            if h.key in seen:
+                continue
+            head_raw = txn.get("ops", h.key)
+            if head_raw is not None and delete.key in _split_entry(bytes(head_raw))[0].parents:
+                continue                  # written knowing of the delete: stays deleted
+            return spot
+        return None
+
     def _do_content(self, txn: KvTxn, op: Op, local: bool = False) -> None:
         node = self._node(txn, op.node)
         if local and not op.parents and not node.heads:
@@ -349,12 +510,13 @@ class Namespace:
             self._retain(txn, op.manifest)
             self._save(txn, node)
             return
+        txn.cache.setdefault("ns.touched", set()).add(op.node)  # type: ignore[attr-defined]
         for p in op.parents:
             if txn.put("superseded", op.node.raw + p, b"", overwrite=False):
                 for h in [h for h in node.heads if h.key == p]:
                     node.heads.remove(h)
                     self._release(txn, h.manifest)
-        if local or txn.get("superseded", op.node.raw + op.key) is None:
+        if op.manifest and (local or txn.get("superseded", op.node.raw + op.key) is None):
             node.heads.append(Version(op.key, op.manifest, op.size))
             node.heads.sort(key=lambda v: v.key)
             self._retain(txn, op.manifest)

@@ -22,14 +22,14 @@ from typing import Any
 
 from castore import chunking
 from castore.config import Config
-from castore.errors import (CastoreError, ChunkNotFoundError, IntegrityError, IsDirectoryError,
-                            NotDirectoryError, PathNotFoundError, RepoError,
+from castore.errors import (CastoreError, ChunkNotFoundError, ExistsError, IntegrityError,
+                            IsDirectoryError, NotDirectoryError, PathNotFoundError, RepoError,
                             StorageFullError, UsageError)
 from castore.files import (EMPTY, ChunkPipeline, Files, Manifest, Prepared, content_id, prepare,
                            prepare_files)
 from castore.hlc import HybridClock
 from castore.ids import ROOT, TRASH, ChunkId, NodeId
-from castore.namespace import Namespace
+from castore.namespace import CONFLICT_TAG, Namespace
 from castore.ops import Kind, Node, check_name, int_attr, key_ts, split_path
 from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn, read_counters
 
@@ -162,13 +162,15 @@ class Repo:
         self.close()
 
     # -- reading --------------------------------------------------------------------------
-    def _entry(self, txn: LmdbTxn, node: Node, path: str) -> Entry:
-        head = node.head
+    def _entry(self, txn: LmdbTxn, node: Node, path: str, version: bytes | None = None
+               ) -> Entry:
+        head = node.head if version is None else \
+            next((h for h in node.heads if h.key == version), node.head)
         chunks = self.files.chunk_count(txn, head.manifest) if head is not None else 0
         xattrs = {k[2:].decode(errors="surrogateescape"): v for k, (_, v) in node.attrs.items()
                   if k.startswith(b"x:") and v is not None}
         default_mode = 0o755 if node.kind == Kind.DIR else 0o644
-        return Entry(path=path, name=os.fsdecode(node.name) if node.id != ROOT else "/",
+        return Entry(path=path, name=path.rsplit("/", 1)[-1] if node.id != ROOT else "/",
                      kind=KIND_NAMES[node.kind], size=head.size if head else 0,
                      mode=node.attr_int(b"mode", default_mode), mtime_ns=node.attr_int(b"mtime"),
                      content=content_id(head.manifest) if head else "", chunks=chunks,
@@ -176,19 +178,23 @@ class Repo:
                      node=node.id.raw.hex(), xattrs=xattrs)
 
     def stat(self, path: str) -> Entry:
-        return self.env.read(lambda t: self._entry(t, self.ns.resolve(t, path), _norm(path)))
+        def run(t: LmdbTxn) -> Entry:
+            node, version = self.ns.resolve_view(t, path)
+            return self._entry(t, node, _norm(path), version)
+        return self.env.read(run)
 
     def listdir(self, path: str = "/") -> list[Entry]:
+        """The entries of a directory as users see them, conflict copies included."""
         def run(t: LmdbTxn) -> list[Entry]:
-            node = self.ns.resolve(t, path)
+            node, version = self.ns.resolve_view(t, path)
             base = _norm(path)
             if node.kind != Kind.DIR:
-                return [self._entry(t, node, base)]
+                return [self._entry(t, node, base, version)]
             out = []
-            for name, nid, _ in self.ns.children(t, node.id):
-                child = self.ns.get(t, nid)
+            for e in self.ns.listing(t, node.id):
+                child = self.ns.get(t, e.node)
                 if child is not None:
-                    out.append(self._entry(t, child, _join(base, os.fsdecode(name))))
+                    out.append(self._entry(t, child, _join(base, os.fsdecode(e.name)), e.version))
             return out
         return self.env.read(run)
 
@@ -197,10 +203,11 @@ class Repo:
         def run(t: LmdbTxn) -> Manifest:
             if _looks_like_id(target):
                 return self.files.load_by_id(t, ChunkId.from_hex(target))
-            node = self.ns.resolve(t, target)
+            node, version = self.ns.resolve_view(t, target)
             if node.kind == Kind.DIR:
                 raise IsDirectoryError(f"{target} is a directory")
-            head = node.head
+            head = node.head if version is None else \
+                next((h for h in node.heads if h.key == version), None)
             if head is None:
                 return EMPTY
             return self.files.manifest_for(t, head.manifest, head.size)
@@ -228,7 +235,10 @@ class Repo:
         """Remove a file, symlink or empty directory (any directory with recursive). Returns
         the number of nodes removed."""
         def run(t: LmdbTxn) -> int:
-            node = self.ns.resolve(t, path)
+            node, version = self.ns.resolve_view(t, path)
+            if version is not None:          # a conflict copy: retire that version everywhere
+                self.ns.drop_version(t, node, version)
+                return 1
             if recursive:
                 return self._remove_tree(t, node)
             self.ns.remove(t, node)
@@ -247,8 +257,17 @@ class Repo:
 
     def rename(self, src: str, dst: str) -> Entry:
         def run(t: LmdbTxn) -> Entry:
-            node = self.ns.resolve(t, src)
+            node, version = self.ns.resolve_view(t, src)
             parent, name = self.ns.resolve_parent(t, dst)
+            if version is not None:          # a conflict copy becomes a file of its own
+                head = next(h for h in node.heads if h.key == version)
+                if self.ns.lookup(t, parent.id, name) is not None:
+                    raise ExistsError(f"{dst} exists")
+                created = self.ns.create(t, parent, name, Kind.FILE,
+                                         {k: v for k, (_, v) in node.attrs.items()},
+                                         head.manifest, head.size)
+                self.ns.drop_version(t, node, version)
+                return self._entry(t, created, _norm(dst))
             self.ns.rename(t, node, parent, name)
             moved = self.ns.get(t, node.id)
             assert moved is not None
@@ -486,6 +505,9 @@ class Repo:
             dirs[dirname.encode()] = parent
         parts = [name]
         existing_id = self.ns.lookup(txn, parent.id, parts[-1])
+        if existing_id is None and CONFLICT_TAG in parts[-1]:   # writing a conflict copy
+            view = self.ns.lookup_view(txn, parent.id, parts[-1])  # resolves the conflict
+            existing_id = view.node if view is not None else None
         existing = self.ns.get(txn, existing_id) if existing_id else None
         path = _norm(item.dest)
         if item.kind == Kind.DIR:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from castore._proto import castore_pb2 as pb
 from castore._proto import castore_pb2_grpc as pbg
 from castore.config import Config
-from castore.errors import PeerUnavailableError
+from castore.errors import PeerUnavailableError, UsageError
 from castore.ops import Kind
 from castore.repo import AddResult, Entry, IngestItem, VerifyReport
 from castore.rpc.convert import entry_from_pb, report_from_pb, result_from_pb
@@ -103,6 +103,8 @@ class RemoteRepo:
                 yield [result_from_pb(r) for r in event.results]
 
     def read(self, target: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        if offset < 0 or (length is not None and length < 0):    # as Repo.read; uint64 on the wire
+            raise UsageError("offset and length must not be negative")
         request = pb.GetRequest(target=target, offset=offset, length=length or 0,
                                 has_length=length is not None)
         chunks = self._stub.Get(request, timeout=self.config.stream_timeout)

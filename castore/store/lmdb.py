@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DBS = ("chunks", "chunkmeta", "manifests", "ops", "opseq", "nodes", "dirents", "superseded",
-       "meta")
+       "meta", "held", "revived")
 DEFAULT_MAP_SIZE = 1 << 40          # sparse: the file grows only to what is used
 MAX_MAP_SIZE = 1 << 44
 _META = struct.Struct("<IB")        # raw_len, codec
