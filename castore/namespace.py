@@ -87,6 +87,7 @@ class Namespace:
             raise ValueError("a replica id is 16 bytes")
         self.replica = replica
         self.clock = clock or HybridClock()
+        self.listeners: list[Callable[[list[Op], bool], None]] = []
         self._retain = on_retain or (lambda t, m: None)
         self._release = on_release or (lambda t, m: None)
 
@@ -109,7 +110,9 @@ class Namespace:
             cache = txn.cache["ns.nodes"] = {}  # type: ignore[assignment]
             txn.cache["ns.dirty"] = set()
             txn.cache["ns.vv"] = {}
+            txn.cache["ns.new"] = []
             txn.before_commit.append(lambda: self._flush(txn))
+            txn.after_commit.append(lambda: self._publish(txn))
         return cache  # type: ignore[return-value]
 
     def _flush(self, txn: KvTxn) -> None:
@@ -118,6 +121,19 @@ class Namespace:
             txn.put("nodes", nid.raw, cache[nid].encode())
         for origin, seq in txn.cache["ns.vv"].items():  # type: ignore[attr-defined]
             txn.put("meta", b"vv:" + origin, _U64.pack(seq))
+
+    def _publish(self, txn: KvTxn) -> None:
+        """After a commit: tell listeners which ops it applied, local and remote apart."""
+        new: list[tuple[Op, bool]] = txn.cache.get("ns.new") or []  # type: ignore[assignment]
+        if not new or not self.listeners:
+            return
+        local = [op for op, is_local in new if is_local]
+        remote = [op for op, is_local in new if not is_local]
+        for listener in list(self.listeners):
+            if local:
+                listener(local, True)
+            if remote:
+                listener(remote, False)
 
     def _seq(self, txn: KvTxn, origin: bytes) -> int:
         self._cache(txn)
@@ -374,6 +390,8 @@ class Namespace:
             self._do_attrs(txn, op)
         txn.put("ops", op.key, _entry(enc, undo))
         self._advance_vv(txn, op, local)
+        if self.listeners:
+            txn.cache["ns.new"].append((op, local))  # type: ignore[attr-defined]
         touched = txn.cache.setdefault("ns.touched", set())
         if fresh:   # a new node under a live directory changes no revival
             touched.clear()  # type: ignore[attr-defined]

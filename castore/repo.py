@@ -30,7 +30,7 @@ from castore.files import (EMPTY, ChunkPipeline, Files, Manifest, Prepared, cont
 from castore.hlc import HybridClock
 from castore.ids import ROOT, TRASH, ChunkId, NodeId
 from castore.namespace import CONFLICT_TAG, Namespace
-from castore.ops import Kind, Node, check_name, int_attr, key_ts, split_path
+from castore.ops import Kind, Node, Op, check_name, int_attr, key_ts, split_path
 from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn, read_counters
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class VerifyReport:
         return not self.corrupt and not self.missing
 
 
+NAMESPACE_TABLES = ("ops", "opseq", "nodes", "dirents", "superseded", "revived", "meta")
 KIND_NAMES = {Kind.FILE: "file", Kind.DIR: "dir", Kind.SYMLINK: "symlink",
               Kind.UNKNOWN: "unknown"}
 
@@ -120,6 +121,10 @@ class Repo:
         self.pool = ThreadPoolExecutor(3, thread_name_prefix="castore-ingest")
         self._procs: ProcessPoolExecutor | None = None
         self._closed = False
+        # cluster mode (set by the daemon): make missing chunks/manifests local, or raise
+        # ChunkNotFoundError; and wait until content is on W peers
+        self.fetch: Callable[[list[ChunkId]], None] | None = None
+        self.durability: Callable[[list[str], float], tuple[bool, int, int]] | None = None
 
     def _last_ts(self, txn: LmdbTxn) -> int:
         for k, _ in txn.scan("ops", reverse=True):
@@ -211,6 +216,12 @@ class Repo:
             if head is None:
                 return EMPTY
             return self.files.manifest_for(t, head.manifest, head.size)
+        try:
+            return self.env.read(run)
+        except ChunkNotFoundError:
+            if self.fetch is None or not _looks_like_id(target):
+                raise
+        self.fetch([ChunkId.from_hex(target)])     # read through: a manifest or a chunk
         return self.env.read(run)
 
     def read(self, target: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
@@ -218,7 +229,32 @@ class Repo:
         if offset < 0 or (length is not None and length < 0):
             raise UsageError("offset and length must not be negative")
         manifest = self.manifest_of(target)
+        if self.fetch is not None:
+            return self._read_through(manifest, offset, length)
         return self.files.iter_range(self.env, manifest, offset, length)
+
+    def _read_through(self, manifest: Manifest, offset: int, length: int | None
+                      ) -> Iterator[bytes]:
+        """iter_range, fetching the chunks not held here from peers, a window ahead."""
+        assert self.fetch is not None
+        end = manifest.size if length is None else min(manifest.size, offset + length)
+        first, last = manifest.locate(offset), manifest.locate(max(offset, end - 1)) + 1
+        window = 16
+        for i in range(first, min(last, len(manifest.chunks)), window):
+            ids = list(manifest.chunks[i:i + window])
+            missing = self.env.read(lambda t: [c for c in ids if not self.store.has_in(t, c)])
+            if missing:
+                self.fetch(missing)
+            lo = max(offset, manifest.offsets[i])
+            hi = min(end, manifest.offsets[min(i + window, len(manifest.chunks))])
+            yield from self.files.iter_range(self.env, manifest, lo, hi - lo)
+
+    def wait_durable(self, contents: list[str], timeout: float) -> tuple[bool, int, int]:
+        """Wait until the content ids are on W peers: (durable, W, fewest copies). Without a
+        cluster the local commit is all there is (W = 1)."""
+        if self.durability is None:
+            return True, 1, 1
+        return self.durability(contents, timeout)
 
     # -- namespace edits ------------------------------------------------------------------
     def mkdir(self, path: str, parents: bool = False, mode: int = 0o755) -> Entry:
@@ -538,6 +574,68 @@ class Repo:
         else:
             self.ns.set_content(txn, existing, ref, manifest.size, attrs)
         return AddResult(path, content=content_id(ref), size=manifest.size, new_chunks=new)
+
+    # -- namespace sync -------------------------------------------------------------------
+    def add_listener(self, fn: Callable[[list[Op], bool], None]) -> None:
+        """fn(ops, local) runs after each commit that applied namespace ops (local=True for ops
+        made here, False for ops received from peers). It must be quick and must not raise."""
+        self.ns.listeners.append(fn)
+
+    def version_vector(self) -> dict[bytes, int]:
+        return self.env.read(self.ns.vv)
+
+    def ops_since(self, vv: dict[bytes, int], limit: int = 10_000) -> list[Op]:
+        """Ops this replica has that a replica with version vector vv lacks (up to limit)."""
+        def run(t: LmdbTxn) -> list[Op]:
+            out: list[Op] = []
+            for origin, have in self.ns.vv(t).items():
+                if have <= vv.get(origin, 0):
+                    continue
+                for op in self.ns.ops_after(t, origin, vv.get(origin, 0)):
+                    out.append(op)
+                    if len(out) >= limit:
+                        return out
+            return out
+        return self.env.read(run)
+
+    def apply_ops(self, ops: Iterable[Op]) -> int:
+        """Apply ops received from a peer, in one transaction; returns how many were new."""
+        batch = list(ops)
+        return self.env.write(lambda t: sum(self.ns.apply(t, op) for op in batch)) \
+            if batch else 0
+
+    def release_held(self) -> int:
+        return self.env.write(self.ns.release_held)
+
+    def export_snapshot(self) -> Iterator[tuple[str, bytes, bytes]]:
+        """The whole namespace as (table, key, value) rows from one consistent read: the op log
+        and the tree materialized from it. A new peer loads it, then pulls the tail."""
+        rows: list[tuple[str, bytes, bytes]] = []
+
+        def run(t: LmdbTxn) -> None:
+            for table in NAMESPACE_TABLES:
+                for k, v in t.scan(table):
+                    if table == "meta" and not bytes(k).startswith(b"vv:"):
+                        continue
+                    rows.append((table, bytes(k), bytes(v)))
+        self.env.read(run)
+        return iter(rows)
+
+    def import_snapshot(self, rows: Iterable[tuple[str, bytes, bytes]]) -> int:
+        """Load a snapshot into a repo whose namespace is still empty; returns rows loaded."""
+        def run(t: LmdbTxn) -> int:
+            if self.ns.last_key(t) is not None:
+                raise RepoError("a snapshot can only be loaded into an empty namespace")
+            n = 0
+            for table, key, value in rows:
+                if table not in NAMESPACE_TABLES:
+                    raise RepoError(f"unexpected table {table!r} in a namespace snapshot")
+                t.put(table, key, value)
+                n += 1
+            return n
+        count = self.env.write(run)
+        self.ns.clock.observe(self.env.read(self._last_ts))
+        return count
 
     # -- checks and figures ---------------------------------------------------------------
     def stats(self) -> dict[str, int | float | str]:

@@ -46,11 +46,13 @@ class KvTxn(Protocol):
 
     Buffers returned by get/scan are valid only inside the transaction. `cache` is a scratch
     dict that lives as long as the transaction; `before_commit` hooks run just before commit
-    (a write function may run more than once, each time with a fresh transaction).
+    and `after_commit` hooks once it is durable (a write function may run more than once, each
+    time with a fresh transaction, so hooks are registered per transaction).
     """
 
     cache: dict[str, object]
     before_commit: list[Callable[[], None]]
+    after_commit: list[Callable[[], None]]
 
     def get(self, db: str, key: bytes) -> bytes | None: ...
     def put(self, db: str, key: bytes, value: bytes | memoryview, overwrite: bool = True) -> bool: ...

@@ -38,12 +38,14 @@ DEFAULT_MAP_SIZE = 1 << 40          # sparse: the file grows only to what is use
 MAX_MAP_SIZE = 1 << 44
 _META = struct.Struct("<IB")        # raw_len, codec
 _COUNTERS = ("chunks", "raw_bytes", "stored_bytes")
+NEW_IDS = "castore.new_ids"     # txn.cache: ids of chunks and manifests this commit added
+QUIET = "castore.quiet"         # txn.cache: set when the commit must not notify on_commit
 
 
 class LmdbTxn:
     """KvTxn over one lmdb transaction. Values are memoryviews valid inside it only."""
 
-    __slots__ = ("_txn", "_dbs", "counters", "cache", "before_commit")
+    __slots__ = ("_txn", "_dbs", "counters", "cache", "before_commit", "after_commit")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
         self._txn = txn
@@ -51,6 +53,7 @@ class LmdbTxn:
         self.counters: dict[str, int] = {}
         self.cache: dict[str, object] = {}          # per-transaction memo of upper layers
         self.before_commit: list[Callable[[], None]] = []
+        self.after_commit: list[Callable[[], None]] = []
 
     def get(self, db: str, key: bytes) -> bytes | None:
         return self._txn.get(key, db=self._dbs[db])
@@ -121,6 +124,8 @@ class LmdbEnv:
         self._active = 0
         self._resizing = False
         self._write_mutex = threading.Lock()
+        # called after each durable commit that added chunks or manifests (replication)
+        self.on_commit: Callable[[list[ChunkId]], None] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -183,6 +188,10 @@ class LmdbEnv:
                         if wrapped.counters:
                             _flush_counters(wrapped)
                         txn.commit()
+                        new = wrapped.cache.get(NEW_IDS)
+                        if new and self.on_commit is not None and \
+                                not wrapped.cache.get(QUIET):
+                            self.on_commit(new)  # type: ignore[arg-type]
                         return result
                     except lmdb.MapFullError:
                         txn.abort()
@@ -225,6 +234,13 @@ class LmdbEnv:
         return sum(f.stat().st_size for f in self.path.glob("*.mdb"))
 
 
+def _run_hook(hook: Callable[[], None]) -> None:
+    try:
+        hook()
+    except Exception:   # the commit is durable; a failing listener must not undo the write
+        log.exception("an after-commit hook failed")
+
+
 def _flush_counters(txn: LmdbTxn) -> None:
     for name, delta in txn.counters.items():
         key = b"count:" + name.encode()
@@ -260,6 +276,7 @@ class LmdbStore:
         if not txn.put("chunkmeta", cid.digest, _META.pack(raw_len, tag), overwrite=False):
             return False
         txn.put("chunks", cid.digest, stored)
+        txn.cache.setdefault(NEW_IDS, []).append(cid)  # type: ignore[attr-defined]
         txn.count("chunks", 1)
         txn.count("raw_bytes", raw_len)
         txn.count("stored_bytes", len(stored))

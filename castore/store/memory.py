@@ -94,6 +94,7 @@ class _MemoryTxn:
         self.overlay: dict[tuple[str, bytes], bytes | None] = {}
         self.cache: dict[str, object] = {}
         self.before_commit: list[Callable[[], None]] = []
+        self.after_commit: list[Callable[[], None]] = []
 
     def get(self, db: str, key: bytes) -> bytes | None:
         key = bytes(key)
@@ -146,6 +147,8 @@ class MemoryKv:
                     table.pop(key, None)
                 else:
                     table[key] = value
+            for hook in txn.after_commit:
+                hook()
             return result
 
     read = write

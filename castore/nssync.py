@@ -1,0 +1,180 @@
+"""Namespace sync between peers: every committed local op is pushed at once to the peers
+reachable now; every few seconds, and whenever a peer (re)appears, each peer pulls the ops it
+lacks by comparing version vectors (exact: per origin, the highest contiguous sequence number);
+a peer with an empty namespace first loads a snapshot, then pulls the tail. Ops from clocks too
+far ahead are held by the namespace and released here once their time comes.
+
+Talks to peers only through the OpPeer interface (an adapter in castore.rpc implements it over
+the peer service), so it runs in tests over in-process peers. Must not import grpc or
+castore._proto.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from castore.errors import CastoreError
+from castore.ops import Op
+from castore.repo import Repo
+
+log = logging.getLogger(__name__)
+PUSH_BATCH = 1000
+
+
+class OpPeer(Protocol):
+    """One peer's namespace endpoints. Every call has a deadline and raises CastoreError
+    (PeerUnavailableError when the peer cannot be reached)."""
+
+    def push_ops(self, ops: list[Op]) -> int: ...
+    def pull_ops(self, vv: dict[bytes, int]) -> list[Op]: ...
+    def snapshot(self) -> Iterator[tuple[str, bytes, bytes]]: ...
+
+
+@dataclass
+class SyncStatus:
+    pushed: int = 0
+    pulled: int = 0
+    rounds: int = 0
+    held: int = 0
+    last_round: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)
+    bootstrapped_from: str = ""
+
+
+class NamespaceSync:
+    """Keeps this repo's namespace in step with its peers'. peers() returns the peers that are
+    reachable now, keyed by a stable name (the peer id)."""
+
+    def __init__(self, repo: Repo, peers: Callable[[], dict[str, OpPeer]],
+                 interval: float = 2.0) -> None:
+        self.repo = repo
+        self.peers = peers
+        self.interval = interval
+        self.status = SyncStatus()
+        self._queue: list[Op] = []
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._known: set[str] = set()
+        self._threads: list[threading.Thread] = []
+        repo.add_listener(self._on_ops)
+
+    def start(self) -> None:
+        for target, name in ((self._push_loop, "castore-ns-push"),
+                             (self._pull_loop, "castore-ns-pull")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        for t in self._threads:
+            t.join(5)
+
+    # -- receiving (called by the peer service) -------------------------------------------
+    def receive(self, ops: list[Op]) -> int:
+        """Ops pushed by a peer: apply what is new."""
+        return self.repo.apply_ops(ops)
+
+    # -- pushing --------------------------------------------------------------------------
+    def _on_ops(self, ops: list[Op], local: bool) -> None:
+        if not local:
+            return
+        with self._wake:
+            self._queue.extend(ops)
+            self._wake.notify_all()
+
+    def _push_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                while not self._queue and not self._stop.is_set():
+                    self._wake.wait(1.0)
+                batch, self._queue = self._queue[:PUSH_BATCH], self._queue[PUSH_BATCH:]
+            if batch:
+                self._push(batch)
+
+    def _push(self, batch: list[Op]) -> None:
+        for name, peer in self.peers().items():
+            try:
+                peer.push_ops(batch)
+                self.status.pushed += len(batch)
+            except CastoreError as exc:   # the pull loop of that peer will catch up
+                self.status.errors[name] = str(exc)
+
+    # -- pulling --------------------------------------------------------------------------
+    def _pull_loop(self) -> None:
+        next_round = 0.0
+        while not self._stop.is_set():
+            peers = self.peers()
+            fresh = set(peers) - self._known
+            if fresh or time.monotonic() >= next_round:
+                self.sync_once(peers)
+                next_round = time.monotonic() + self.interval
+            self._known = set(peers)
+            self._stop.wait(min(0.25, self.interval))
+
+    def sync_once(self, peers: dict[str, OpPeer] | None = None) -> int:
+        """One anti-entropy round: bootstrap if empty, pull from every peer, release held
+        ops. Returns how many ops were applied."""
+        peers = self.peers() if peers is None else peers
+        applied = 0
+        if peers and not self.repo.version_vector():
+            applied += self._bootstrap(peers)
+        for name, peer in peers.items():
+            try:
+                while True:
+                    ops = peer.pull_ops(self.repo.version_vector())
+                    if not ops:
+                        break
+                    n = self.repo.apply_ops(ops)
+                    applied += n
+                    self.status.pulled += n
+                    if n == 0:        # nothing new (e.g. all held): do not spin
+                        break
+                self.status.errors.pop(name, None)
+            except CastoreError as exc:
+                self.status.errors[name] = str(exc)
+        try:
+            applied += self.repo.release_held()
+            self.status.held = len(self.repo.env.read(self.repo.ns.held))
+        except CastoreError as exc:
+            log.warning("releasing held ops failed: %s", exc)
+        self.status.rounds += 1
+        self.status.last_round = time.time()
+        return applied
+
+    def _bootstrap(self, peers: dict[str, OpPeer]) -> int:
+        for name, peer in peers.items():
+            try:
+                rows = list(peer.snapshot())
+            except CastoreError as exc:
+                self.status.errors[name] = str(exc)
+                continue
+            if not rows:
+                continue
+            self.repo.import_snapshot(rows)
+            self.status.bootstrapped_from = name
+            return len(rows)
+        return 0
+
+
+class LocalOpPeer:
+    """OpPeer over another Repo in this process (tests and simulations)."""
+
+    def __init__(self, repo: Repo, sync: NamespaceSync | None = None) -> None:
+        self.repo = repo
+        self.sync = sync
+
+    def push_ops(self, ops: list[Op]) -> int:
+        return self.sync.receive(ops) if self.sync else self.repo.apply_ops(ops)
+
+    def pull_ops(self, vv: dict[bytes, int]) -> list[Op]:
+        return self.repo.ops_since(vv)
+
+    def snapshot(self) -> Iterator[tuple[str, bytes, bytes]]:
+        return self.repo.export_snapshot()
