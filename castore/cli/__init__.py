@@ -69,12 +69,19 @@ def _jsonable(v: Any) -> Any:
     raise TypeError(f"cannot encode {type(v).__name__}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other castore error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"castore: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from castore.cli import files, repo_cmds
-    parser = argparse.ArgumentParser(prog="castore", description=(
+    parser = _Parser(prog="castore", description=(
         "castore: a peer-to-peer content-addressed store with a network drive."))
     parser.add_argument("--version", action="version", version=f"castore {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--home", help="repo directory (default: $CASTORE_HOME or ~/.castore)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -106,3 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:               # a local file the command was given
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"castore: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2

@@ -113,6 +113,9 @@ def _is_id(text: str) -> bool:
 def _get_file(api: Any, target: str, dest: str, entry: Any) -> None:
     if os.path.isdir(dest):
         dest = os.path.join(dest, os.path.basename(target.rstrip("/")) or "content")
+    parent = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{parent}: no such directory")
     tmp = f"{dest}.castore-tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
