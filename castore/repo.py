@@ -39,7 +39,7 @@ BATCH_FILES = 2000              # small files per commit
 BATCH_BYTES = 32 << 20          # or this many bytes
 BATCH_SECONDS = 0.25            # or this long since the first pending file
 SMALL_FILE = 4 << 20            # up to this size a file is read whole; above, mmapped
-POOL_MIN_FILES = 512            # small files in an add before worker processes are used
+POOL_MIN_FILES = 512            # items looked at to decide; half must be small local files
 POOL_RUN = 256                  # small files per worker task
 
 
@@ -449,8 +449,12 @@ class Repo:
                                       tuple(p.raw_len for p in prepared)), prepared, 0)
 
         source = iter(items)
-        first = list(itertools.islice(source, POOL_MIN_FILES))
-        if sum(1 for i in first if pooled(i)) < POOL_MIN_FILES:
+        first: list[IngestItem] = []
+        for item in source:
+            first.append(item)
+            if len(first) >= POOL_MIN_FILES or item.chunks is not None:
+                break     # a streamed item (Put) must be consumed before the next is read
+        if sum(1 for i in first if pooled(i)) < POOL_MIN_FILES // 2:
             for item in itertools.chain(first, source):      # too few to pay for the workers
                 try:
                     yield item, self._prepare(item, pipeline, bytes_done)
@@ -465,6 +469,9 @@ class Repo:
             else:
                 submit()
                 ahead.append(([item], None))
+                if item.chunks is not None:
+                    while ahead:
+                        yield from drain()
             while len(ahead) > 3 or (ahead and ahead[0][1] is None and len(ahead) > 1):
                 yield from drain()
         submit()
