@@ -485,10 +485,18 @@ class Namespace:
             raw = txn.get("revived", nid.raw)
             have = (NodeId(bytes(raw[:16])), bytes(raw[16:])) if raw is not None else None
             want = self._revival_spot(txn, node) if node is not None else None
+            # A revived entry has the same dirent key as the node placed at that spot, so
+            # undo/redo of its moves can delete it, and a move back to the spot must keep it.
             if want == have:
+                if want is not None and node is not None:
+                    key = _dirent_key(want[0], want[1], nid)
+                    if txn.get("dirents", key) is None:
+                        touched.add(want[0])      # its parent gains an entry again
+                    txn.put("dirents", key, bytes([node.kind]) + node.move_key)
                 continue
             if have is not None:
-                txn.delete("dirents", _dirent_key(have[0], have[1], nid))
+                if node is None or (node.parent, node.name) != have:
+                    txn.delete("dirents", _dirent_key(have[0], have[1], nid))
                 txn.delete("revived", nid.raw)
                 touched.add(have[0])
             if want is not None and node is not None:

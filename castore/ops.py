@@ -208,7 +208,7 @@ class Node:
                                  self.parent.raw if self.parent else _ZERO16, len(self.name),
                                  self.move_key or _ZERO24, len(self.attrs), len(self.heads)),
                  self.name]
-        for k, (ts, v) in self.attrs.items():
+        for k, (ts, v) in sorted(self.attrs.items()):   # same bytes whatever the op order
             if v is None:
                 parts.append(_NODE_ATTR.pack(len(k), ts, NO_VALUE))
                 parts.append(k)
