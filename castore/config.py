@@ -22,6 +22,19 @@ class Config:
     rpc_timeout: float = 30.0          # seconds, for unary calls
     stream_timeout: float = 3600.0     # seconds, for streamed transfers
     max_message: int = 16 << 20        # bytes, both directions
+    # cluster mode (castore daemon --listen); empty listen: a single peer, no peer service
+    listen: str = ""                   # HOST:PORT of the mutual-TLS peer service
+    join: str = ""                     # HOST:PORT of a seed (else the one in the token)
+    token: str = ""                    # join token from `castore invite`
+    zone: str = ""                     # failure domain; default: this machine's hostname
+    capacity: int = 0                  # bytes offered (placement weight); 0: the disk size
+    redundancy: int = 3                # R, fixed when the cluster is created
+    down_out_interval: float = 600.0   # seconds dead before a peer's data is re-replicated
+    probe_interval: float = 1.0        # SWIM protocol period, seconds
+    reconcile_interval: float = 60.0   # seconds between routine repair passes
+    settle_seconds: float = 1.0        # wait after a membership change before repairing
+    max_repair_transfers: int = 2      # concurrent repair transfers per peer
+    metrics: str = ""                  # HOST:PORT for Prometheus metrics; empty: off
 
     @property
     def store_path(self) -> Path:

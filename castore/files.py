@@ -24,7 +24,7 @@ from typing import NamedTuple
 from castore import chunking, codec
 from castore.errors import ChunkNotFoundError, IntegrityError
 from castore.ids import ChunkId
-from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn
+from castore.store.lmdb import NEW_IDS, LmdbEnv, LmdbStore, LmdbTxn
 
 _MAGIC = b"CSM1"
 _HEAD = struct.Struct("<4sI")
@@ -161,7 +161,8 @@ class Files:
     def put_manifest_in(self, txn: LmdbTxn, manifest: Manifest) -> ChunkId:
         body = manifest.encode()
         mid = ChunkId.of(body)
-        txn.put("manifests", mid.digest, _REFS.pack(0) + body, overwrite=False)
+        if txn.put("manifests", mid.digest, _REFS.pack(0) + body, overwrite=False):
+            txn.cache.setdefault(NEW_IDS, []).append(mid)  # type: ignore[attr-defined]
         return mid
 
     def load_in(self, txn: LmdbTxn, mid: ChunkId) -> Manifest:

@@ -1,5 +1,5 @@
 """A peer's identity and the cluster's admission secret: ECDSA P-256 key, self-signed
-certificate, peer id (SHA-256 of the DER certificate), join tokens and enrolment proofs.
+certificate, peer id (BLAKE3 of the DER certificate, castore.ids.PeerId), join tokens and enrolment proofs.
 
 Owns HOME/peer/ (key.pem 0600, cert.pem) and HOME/cluster.json (0600). Imports cryptography,
 never grpc: the rpc layer turns these PEM bytes into credentials.
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from castore.errors import ConfigError
+from castore.ids import PeerId
 
 SAN = "castore"            # every peer certificate names this; clients override the target name
 TOKEN_PREFIX = "castore1-"
@@ -35,11 +36,12 @@ class Identity:
 
 
 def cert_fingerprint(cert_pem: bytes) -> str:
-    """SHA-256 of the DER certificate, hex: what peers pin and what a token carries."""
+    """The peer id of a certificate (PeerId.of: BLAKE3 of its DER bytes), hex: what peers
+    pin and what a token carries. Raises ValueError if the PEM does not parse."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
     der = x509.load_pem_x509_certificate(cert_pem).public_bytes(Encoding.DER)
-    return hashlib.sha256(der).hexdigest()
+    return PeerId.of(der).hex
 
 
 cert_peer_id = cert_fingerprint     # the peer id is the certificate fingerprint (Syncthing)
@@ -60,7 +62,10 @@ def load_or_create(home: Path) -> Identity:
     from cryptography.x509.oid import NameOID
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SAN)])
+    # a unique subject per peer: OpenSSL finds a trust anchor by subject name, so peers that
+    # all called themselves "castore" would fail verification against a multi-cert store
+    cn = f"castore peer {os.urandom(8).hex()}"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -68,6 +73,8 @@ def load_or_create(home: Path) -> Identity:
             .not_valid_after(now + datetime.timedelta(days=365 * 20))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(SAN)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
             .sign(key, hashes.SHA256()))
     key_pem = key.private_bytes(serialization.Encoding.PEM,
                                 serialization.PrivateFormat.PKCS8,

@@ -83,3 +83,43 @@ class NodeId:
 
 ROOT = NodeId(b"\x00" * 16)
 TRASH = NodeId(b"\x00" * 15 + b"\x01")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PeerId:
+    """A peer: BLAKE3-256 of its certificate's DER bytes (Syncthing-style), so an id cannot be
+    claimed without the key. Ordered by digest; placement breaks exact score ties by it."""
+
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.digest) != 32:
+            raise ValueError(f"PeerId needs 32 bytes, got {len(self.digest)}")
+
+    @classmethod
+    def of(cls, certificate_der: bytes) -> PeerId:
+        return cls(blake3(certificate_der).digest())
+
+    @classmethod
+    def from_hex(cls, text: str) -> PeerId:
+        """Parse 64 hex digits; raises ValueError on anything else."""
+        if len(text) != 64:
+            raise ValueError(f"a peer id is 64 hex digits, got {len(text)} characters")
+        return cls(bytes.fromhex(text))
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    @property
+    def hex(self) -> str:
+        return self.digest.hex()
+
+    @property
+    def short(self) -> str:
+        return self.digest.hex()[:10]
+
+    def __str__(self) -> str:
+        return self.digest.hex()
+
+    def __repr__(self) -> str:
+        return f"PeerId({self.short})"

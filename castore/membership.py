@@ -181,7 +181,7 @@ class Membership:
     # -- serving the protocol -------------------------------------------------------------
     def handle_ping(self, updates: list[Member]) -> list[Member]:
         self.merge(updates)
-        return self._piggyback()
+        return self._piggyback() + [self.me]
 
     def handle_ping_req(self, target_id: str, updates: list[Member]) -> bool:
         self.merge(updates)
@@ -223,8 +223,8 @@ class Membership:
 
     def _probe(self, target: Member) -> None:
         try:
-            self.merge(self._transport.ping(target, self._piggyback()))
-            self._heard_from(target.peer_id)
+            # the target's own record rides along, so it can refute a suspicion at once
+            self.merge(self._transport.ping(target, self._piggyback() + [target]))
             return
         except CastoreError:
             pass
@@ -243,10 +243,6 @@ class Membership:
             return self._transport.ping_req(via, target, self._piggyback())
         except CastoreError:
             return False
-
-    def _heard_from(self, peer_id: str) -> None:
-        """A direct answer: a dead or out member that answers is alive again only once it
-        says so itself (with a higher incarnation, in the updates it sent)."""
 
     def _suspect(self, peer_id: str) -> None:
         with self._mutex:

@@ -39,6 +39,7 @@ class Node:
         self._server: Any = None
         self._health: Any = None
         self._mount: Any = None
+        self.cluster: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -47,9 +48,13 @@ class Node:
         try:
             self.repo = Repo.open(self.config) if (self.config.store_path / "data.mdb").exists() \
                 else Repo.init(self.config)
+            if self.config.listen:
+                from castore.cluster import Cluster   # cluster mode: peers, replication
+                self.cluster = Cluster(self.config, self.repo)
+                self.cluster.start()
             self._server, self._health = serve(self.repo, str(self.config.socket_path),
                                                self.config.max_message, self.status,
-                                               self.stop)
+                                               self.stop, self.cluster)
             if self.mountpoint:
                 from castore import fuse          # lazily: needs libfuse3
                 self._mount = fuse.start_mount(self.repo, self.mountpoint)
@@ -99,6 +104,8 @@ class Node:
                 log.exception("unmounting %s failed", self.mountpoint)
         if self._server is not None:
             self._server.stop(grace=2.0).wait(5.0)
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.repo is not None:
             self.repo.close()
         try:
@@ -114,6 +121,9 @@ class Node:
         state = {"pid": os.getpid(), "started": self.started, "socket":
                  str(self.config.socket_path), "mount": self.mountpoint or "",
                  "version": __version__}
+        if self.cluster is not None:
+            state.update(peer_id=self.cluster.peer_id, listen=self.cluster.listen,
+                         enrol=self.cluster.enrol_addr)
         tmp = self.config.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.config.state_path)
@@ -122,11 +132,14 @@ class Node:
         assert self.repo is not None
         stats = self.repo.stats()
         warnings = ["single peer: no redundancy (R_eff = 1)"]
-        return pb.StatusReply(state="running", pid=os.getpid(), home=str(self.config.home),
-                              uptime=time.time() - self.started, version=__version__,
-                              mount=self.mountpoint or "",
-                              stats={k: str(v) for k, v in stats.items()},
-                              redundancy=1, redundancy_effective=1, warnings=warnings)
+        reply = pb.StatusReply(state="running", pid=os.getpid(), home=str(self.config.home),
+                               uptime=time.time() - self.started, version=__version__,
+                               mount=self.mountpoint or "",
+                               stats={k: str(v) for k, v in stats.items()},
+                               redundancy=1, redundancy_effective=1, warnings=warnings)
+        if self.cluster is not None:
+            self.cluster.fill_status(reply)
+        return reply
 
 
 def _read_state(config: Config) -> dict[str, Any]:

@@ -77,7 +77,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from castore.cli import files, repo_cmds
+    from castore.cli import cluster, files, repo_cmds
     parser = _Parser(prog="castore", description=(
         "castore: a peer-to-peer content-addressed store with a network drive."))
     parser.add_argument("--version", action="version", version=f"castore {__version__}")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--home", help="repo directory (default: $CASTORE_HOME or ~/.castore)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (repo_cmds, files):
+    for module in (repo_cmds, files, cluster):
         module.add_parsers(sub, common)
     try:
         from castore.cli import mount

@@ -18,6 +18,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("-r", "--recursive", action="store_true", help="add directories")
     p.add_argument("--to", default="/", metavar="DIR", help="namespace directory (default /)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--wait", action="store_true", help="return once W = min(2, R_eff) "
+                   "peers hold the data (exit 5 if that is not confirmed in time)")
+    p.add_argument("--wait-timeout", type=float, default=60.0, metavar="SECONDS")
     p.set_defaults(run=cmd_add)
     p = sub.add_parser("cat", parents=[common], help="write a file's bytes to stdout")
     p.add_argument("target", metavar="ID|PATH")
@@ -54,6 +57,7 @@ def cmd_add(ctx: Any) -> int:
     failed = 0
     started = time.monotonic()
     count = total = 0
+    contents: list[str] = []
     with ctx.api() as api:
         groups = api.add_paths_batches(args.paths, args.to, args.recursive,
                                        lambda f, b, tf, tb: bar.update(f, tf, b, tb))
@@ -73,11 +77,27 @@ def cmd_add(ctx: Any) -> int:
                 else:
                     print(f"added {r.content} {r.path}")
             sys.stdout.flush()        # a printed line means a durable commit
+            if args.wait:
+                contents += [r.content for r in group if not r.error and r.content]
+        if args.wait and not failed:
+            _wait_replicated(ctx, api, contents, args.wait_timeout)
     bar.finish()
     if not ctx.json and ctx.progress:
         secs = time.monotonic() - started
         print(f"added {count} items, {total} bytes in {secs:.2f} s", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _wait_replicated(ctx: Any, api: Any, contents: list[str], timeout: float) -> None:
+    """add --wait: block until W peers hold everything added; a timeout is indeterminate."""
+    from castore.errors import PeerUnavailableError
+    from castore.rpc.cluster_api import wait_durable
+    ok, w, low, message = wait_durable(api, sorted(set(contents)), timeout)
+    if not ok:
+        raise PeerUnavailableError(f"add --wait: {message or 'not confirmed in time'} "
+                                   "(committed locally; replication continues)")
+    if not ctx.json and ctx.progress:
+        print(f"durable on {low} peer(s) (W = {w})", file=sys.stderr)
 
 
 def cmd_cat(ctx: Any) -> int:

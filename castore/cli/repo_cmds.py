@@ -15,6 +15,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(run=cmd_init)
     p = sub.add_parser("daemon", parents=[common], help="run this peer's daemon")
     p.add_argument("--mount", metavar="DIR", help="also mount the drive at DIR")
+    from castore.cli.cluster import add_daemon_options
+    add_daemon_options(p)
     p.set_defaults(run=cmd_daemon)
     p = sub.add_parser("status", parents=[common], help="daemon state and repo statistics")
     p.set_defaults(run=cmd_status)
@@ -35,8 +37,10 @@ def cmd_init(ctx: Any) -> int:
 
 
 def cmd_daemon(ctx: Any) -> int:
+    from castore.cli.cluster import daemon_overrides
     from castore.node import run_daemon
-    return run_daemon(ctx.config, ctx.args.mount)
+    return run_daemon(ctx.config.with_(**{k: v for k, v in daemon_overrides(ctx.args).items()
+                                          if v is not None}), ctx.args.mount)
 
 
 def cmd_status(ctx: Any) -> int:
@@ -50,6 +54,13 @@ def cmd_status(ctx: Any) -> int:
                "mount": reply.mount, "redundancy": reply.redundancy,
                "redundancy_effective": reply.redundancy_effective,
                "warnings": list(reply.warnings), "stats": stats}
+        if reply.peer_id:
+            out["cluster"] = {"peer_id": reply.peer_id, "listen": reply.listen,
+                              "live_peers": reply.live_peers, "members": reply.members,
+                              "under_replicated": reply.under_replicated,
+                              "repair_pending": reply.repair_pending,
+                              "repair_done": reply.repair_done,
+                              "replication_queue": reply.replication_queue}
     else:
         from castore.repo import Repo
         with Repo.open(ctx.config) as repo:
@@ -74,6 +85,13 @@ def cmd_status(ctx: Any) -> int:
               f"chunker:     {s['chunker']}"]
     if "redundancy" in out:
         lines.append(f"redundancy:  R={out['redundancy']} R_eff={out['redundancy_effective']}")
+    c = out.get("cluster")
+    if c:
+        lines += [f"peer:        {c['peer_id'][:16]} on {c['listen']} "
+                  f"({c['live_peers']} of {c['members']} members live)",
+                  f"replication: {c['replication_queue']} queued, {c['under_replicated']} "
+                  f"under-replicated, repair {c['repair_pending']} pending / "
+                  f"{c['repair_done']} done"]
     lines += [f"warning:     {w}" for w in out["warnings"]]
     print("\n".join(lines))
     return 0

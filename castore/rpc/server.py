@@ -19,6 +19,7 @@ from castore._proto import castore_pb2_grpc as pbg
 from castore.errors import UsageError
 from castore.ops import Kind
 from castore.repo import SMALL_FILE, AddResult, IngestItem, Repo, VerifyReport
+from castore.rpc.cluster_api import ClusterApi
 from castore.rpc.convert import entry_to_pb, report_to_pb, result_to_pb
 from castore.rpc.errors import abort_on_error
 
@@ -55,12 +56,13 @@ class _Progress:
         return pb.Progress(done=f, total=tf, bytes=b, total_bytes=tb)
 
 
-class ClientServicer(pbg.ClientServicer):
-    """Translate protobuf <-> Repo calls."""
+class ClientServicer(ClusterApi, pbg.ClientServicer):
+    """Translate protobuf <-> Repo calls (and cluster calls, see rpc/cluster_api.py)."""
 
     def __init__(self, repo: Repo, status: Callable[[], pb.StatusReply],
-                 shutdown: Callable[[], None]) -> None:
+                 shutdown: Callable[[], None], cluster: Any = None) -> None:
         self._repo = repo
+        self._cluster = cluster
         self._status = status
         self._shutdown = shutdown
 
@@ -219,11 +221,12 @@ class _PutReader:
 
 
 def serve(repo: Repo, socket_path: str, max_message: int, status: Callable[[], pb.StatusReply],
-          shutdown: Callable[[], None]) -> tuple[grpc.Server, health.HealthServicer]:
+          shutdown: Callable[[], None], cluster: Any = None
+          ) -> tuple[grpc.Server, health.HealthServicer]:
     """Start the client service on a UNIX socket created with mode 0600."""
     server = grpc.server(ThreadPoolExecutor(16, thread_name_prefix="castore-rpc"),
                          options=options(max_message), maximum_concurrent_rpcs=64)
-    pbg.add_ClientServicer_to_server(ClientServicer(repo, status, shutdown), server)
+    pbg.add_ClientServicer_to_server(ClientServicer(repo, status, shutdown, cluster), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -25,6 +25,7 @@ from castore.errors import ChunkNotFoundError, RepoError, StorageFullError
 from castore.ids import ChunkId
 from castore.store import StoredChunk
 from castore.store.memory import verify
+from castore.store.readahead import Readahead
 
 if TYPE_CHECKING:
     from castore.store import BlobStore
@@ -282,14 +283,31 @@ class LmdbStore:
         txn.count("stored_bytes", len(stored))
         return True
 
-    def has_in(self, txn: LmdbTxn, cid: ChunkId) -> bool:
-        return txn.get("chunkmeta", cid.digest) is not None
-
-    def get_in(self, txn: LmdbTxn, cid: ChunkId) -> bytes:
+    def view_in(self, txn: LmdbTxn, cid: ChunkId, readahead: Readahead | None = None
+                ) -> tuple[int, int, memoryview]:
+        """(codec, raw length, stored bytes) of a chunk, neither copied nor verified: the view
+        is valid inside txn only. For readers that verify once and copy straight out."""
         meta = txn.get("chunkmeta", cid.digest)
         stored = txn.get("chunks", cid.digest)
         if meta is None or stored is None:
             raise ChunkNotFoundError(f"no chunk {cid} in the local store")
+        if readahead is not None:
+            readahead.after(stored)
+        raw_len, tag = _META.unpack(meta)
+        return tag, raw_len, memoryview(stored)
+
+    def has_in(self, txn: LmdbTxn, cid: ChunkId) -> bool:
+        return txn.get("chunkmeta", cid.digest) is not None
+
+    def get_in(self, txn: LmdbTxn, cid: ChunkId, readahead: Readahead | None = None) -> bytes:
+        """The chunk's verified bytes. A sequential reader passes its Readahead so the next
+        chunks are already on their way from disk."""
+        meta = txn.get("chunkmeta", cid.digest)
+        stored = txn.get("chunks", cid.digest)
+        if meta is None or stored is None:
+            raise ChunkNotFoundError(f"no chunk {cid} in the local store")
+        if readahead is not None:
+            readahead.after(stored)
         raw_len, tag = _META.unpack(meta)
         data = codec.decode(tag, stored, raw_len)
         verify(cid, data)

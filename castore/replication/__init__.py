@@ -1,0 +1,476 @@
+"""Replication, read-through fetch, repair and rebalance: keeping every chunk on R peers.
+
+Owns the policies only. It sees peers through PeerStore (a BlobStore-shaped interface that
+RemoteStore implements over gRPC and tests implement in memory) and the cluster through a
+ClusterView snapshot (who is live, where a chunk belongs). Must not import grpc,
+castore._proto or castore.rpc.
+
+- New local chunks are pushed to their write targets by background senders: Has first, then
+  the stored (compressed) bytes in batches of at most `window_bytes`.
+- wait_durable() returns once W peers hold every chunk, or reports indeterminate on timeout.
+- fetch() gets missing chunks from the preference list (several holders in parallel).
+- reconcile(): for every placement group whose primary (first live peer of its preference
+  list) is this peer, list what every member holds, have targets pull what they lack (fewest
+  copies first), then drop copies outside the targets once every target holds one
+  (make-before-break).
+- Bytes that do not hash to their id are never stored and count against the sending peer; a
+  peer past `quarantine_after` rejections is ignored.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from castore.errors import CastoreError, ChunkNotFoundError
+from castore.ids import ChunkId
+from castore.store import StoredChunk
+
+log = logging.getLogger(__name__)
+
+Batch = list[tuple[ChunkId, StoredChunk]]
+
+
+class LocalStore(Protocol):
+    """This peer's holdings (chunks and manifests) as replication needs them."""
+
+    def has_many(self, ids: list[ChunkId]) -> list[bool]: ...
+    def get_stored(self, cid: ChunkId) -> StoredChunk: ...
+    def put_stored_many(self, items: Batch) -> tuple[list[ChunkId], list[ChunkId]]: ...
+    def delete(self, cid: ChunkId) -> None: ...
+    def ids(self, after: ChunkId | None = None) -> Iterator[ChunkId]: ...
+
+
+class PeerStore(Protocol):
+    """Another peer as a store. Every method raises PeerUnavailableError when the peer cannot
+    be reached in time; put_stored_many returns (stored, rejected): rejected ids did not hash
+    to their bytes and were not stored."""
+
+    def has_many(self, ids: list[ChunkId]) -> list[bool]: ...
+    def put_stored_many(self, items: Batch) -> tuple[list[ChunkId], list[ChunkId]]: ...
+    def get_stored_many(self, ids: list[ChunkId]) -> Iterator[tuple[ChunkId, StoredChunk]]: ...
+    def list_ids(self, pg_bits: int, pgs: list[int]) -> Iterator[ChunkId]: ...
+    def pull(self, items: list[tuple[ChunkId, list[str]]]) -> tuple[list[ChunkId],
+                                                                     list[ChunkId]]: ...
+    def drop(self, ids: list[ChunkId]) -> int: ...
+
+
+def pg_of(cid: ChunkId, bits: int) -> int:
+    """Placement group of a chunk: the top `bits` bits of its id."""
+    return int.from_bytes(cid.digest[:8], "big") >> (64 - bits)
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """A consistent snapshot of what replication decides from.
+
+    targets(pg) are the peers (among placed members: alive, suspect or dead-but-not-out) that
+    should hold a chunk of group pg; preference(pg) is every placed peer in order."""
+
+    me: str
+    redundancy: int
+    live: frozenset[str]
+    placed: tuple[str, ...]
+    pg_bits: int
+    preference: Callable[[int], list[str]]
+    targets: Callable[[int], list[str]]
+
+    @property
+    def r_eff(self) -> int:
+        return max(1, min(self.redundancy, len(self.live)))
+
+    def write_targets(self, pg: int) -> list[str]:
+        """Where a new chunk goes now: its live targets, topped up from the preference list
+        while a target is down (the stand-in keeps the copy until repair moves it)."""
+        chosen = [p for p in self.targets(pg) if p in self.live]
+        for p in self.preference(pg):
+            if len(chosen) >= self.r_eff:
+                break
+            if p in self.live and p not in chosen:
+                chosen.append(p)
+        return chosen[:self.r_eff]
+
+    def primary(self, pg: int) -> str | None:
+        return next((p for p in self.preference(pg) if p in self.live), None)
+
+
+@dataclass
+class RepairStats:
+    passes: int = 0
+    under_replicated: int = 0
+    pending: int = 0
+    transfers: int = 0
+    dropped: int = 0
+    by_copies: dict[int, int] = field(default_factory=dict)
+    last_seconds: float = 0.0
+
+
+class Replicator:
+    """Replication policies of one peer. Thread-safe; start() runs the background senders."""
+
+    def __init__(self, local: LocalStore, peer_store: Callable[[str], PeerStore],
+                 view: Callable[[], ClusterView], *, window_bytes: int = 32 << 20,
+                 batch_items: int = 64, max_transfers: int = 2, quarantine_after: int = 3,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_bytes: Callable[[str, str, int], None] | None = None) -> None:
+        self.local = local
+        self.peer_store = peer_store
+        self.view = view
+        self.window_bytes = window_bytes
+        self.batch_items = batch_items
+        self.quarantine_after = quarantine_after
+        self._clock = clock
+        self._on_bytes = on_bytes or (lambda peer, direction, n: None)
+        self._copies: dict[ChunkId, set[str]] = {}
+        self._cond = threading.Condition()
+        self._queues: dict[str, queue.Queue[ChunkId | None]] = {}
+        self._threads: list[threading.Thread] = []
+        self._retry: list[tuple[float, ChunkId]] = []
+        self._inbound = threading.Semaphore(max_transfers)
+        self._max_transfers = max_transfers
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="castore-fetch")
+        self.rejected: dict[str, int] = defaultdict(int)
+        self.stats = RepairStats()
+        self._repair_mutex = threading.Lock()
+        self._queued = 0
+        self._stopping = False
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def quarantined(self, peer: str) -> bool:
+        return self.rejected.get(peer, 0) >= self.quarantine_after
+
+    def count_rejects(self, peer: str, n: int) -> None:
+        if n <= 0:
+            return
+        self.rejected[peer] += n
+        log.warning("peer %s sent %d chunk(s) whose bytes do not match their ids (%d so far)%s",
+                    peer[:10], n, self.rejected[peer],
+                    "; its data is ignored from now on" if self.quarantined(peer) else "")
+
+    def _confirm(self, peer: str, ids: Iterable[ChunkId]) -> None:
+        with self._cond:
+            for cid in ids:
+                self._copies.setdefault(cid, set()).add(peer)
+            self._cond.notify_all()
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    # -- pushing new chunks ---------------------------------------------------------------
+    def submit(self, ids: Iterable[ChunkId]) -> None:
+        """Queue newly committed local chunks for their targets. Returns at once."""
+        view = self.view()
+        ids = list(ids)
+        self._confirm(view.me, ids)
+        for cid in ids:
+            for peer in view.write_targets(pg_of(cid, view.pg_bits)):
+                if peer != view.me:
+                    with self._cond:
+                        self._queued += 1
+                    self._queue_for(peer).put(cid)
+
+    def _queue_for(self, peer: str) -> queue.Queue[ChunkId | None]:
+        with self._cond:
+            q = self._queues.get(peer)
+            if q is None:
+                q = self._queues[peer] = queue.Queue()
+                t = threading.Thread(target=self._sender, args=(peer, q), daemon=True,
+                                     name=f"castore-push-{peer[:8]}")
+                self._threads.append(t)
+                t.start()
+            return q
+
+    def _sender(self, peer: str, q: queue.Queue[ChunkId | None]) -> None:
+        while True:
+            first = q.get()
+            if first is None:
+                return
+            ids = [first]
+            while len(ids) < self.batch_items * 4:
+                try:
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    q.put(None)
+                    break
+                ids.append(nxt)
+            try:
+                self.push(peer, ids)
+            except Exception as exc:  # any failure: retry later, never lose the sender
+                if isinstance(exc, CastoreError):
+                    log.info("replication to %s deferred: %s", peer[:10], exc)
+                else:
+                    log.exception("replication to %s failed; retrying", peer[:10])
+                due = self._clock() + 1.0
+                with self._cond:
+                    self._retry.extend((due, c) for c in ids)
+            finally:
+                with self._cond:
+                    self._queued -= len(ids)
+
+    def push(self, peer: str, ids: list[ChunkId]) -> int:
+        """Send the chunks a peer lacks, in windows of window_bytes; returns bytes sent."""
+        remote = self.peer_store(peer)
+        have = remote.has_many(ids)
+        self._confirm(peer, [c for c, h in zip(ids, have) if h])
+        missing = [c for c, h in zip(ids, have) if not h]
+        sent = 0
+        batch: Batch = []
+        size = 0
+        for cid in missing:
+            try:
+                stored = self.local.get_stored(cid)
+            except ChunkNotFoundError:
+                continue                          # dropped meanwhile: someone else has it
+            batch.append((cid, stored))
+            size += len(stored.data)
+            if size >= self.window_bytes or len(batch) >= self.batch_items:
+                sent += self._send(peer, remote, batch, size)
+                batch, size = [], 0
+        if batch:
+            sent += self._send(peer, remote, batch, size)
+        return sent
+
+    def _send(self, peer: str, remote: PeerStore, batch: Batch, size: int) -> int:
+        stored, rejected = remote.put_stored_many(batch)
+        self._confirm(peer, stored)
+        self._on_bytes(peer, "out", size)
+        if rejected:
+            log.error("peer %s rejected %d chunk(s) from this peer as corrupt", peer[:10],
+                      len(rejected))
+        return size
+
+    def retry_due(self) -> None:
+        """Re-queue pushes that failed at least a second ago (called by the daemon loop)."""
+        now = self._clock()
+        with self._cond:
+            due = [c for t, c in self._retry if t <= now]
+            self._retry = [(t, c) for t, c in self._retry if t > now]
+        if due:
+            self.submit(due)
+
+    # -- durability -----------------------------------------------------------------------
+    def copies(self, cid: ChunkId) -> int:
+        with self._cond:
+            return len({p for p in self._copies.get(cid, ()) if not self.quarantined(p)})
+
+    def wait_durable(self, ids: list[ChunkId], w: int, timeout: float) -> tuple[bool, int]:
+        """Block until every id is known durable on w peers (this one included). Returns
+        (True, min copies) then, or (False, min copies) at the timeout: indeterminate, the
+        copies may still land."""
+        deadline = self._clock() + timeout
+        next_probe = self._clock() + 2.0
+        while True:
+            with self._cond:
+                low = min((self.copies(c) for c in ids), default=w)
+                if low >= w:
+                    return True, low
+                left = deadline - self._clock()
+                if left <= 0:
+                    return False, low
+                self._cond.wait(min(left, 0.5))
+            if self._clock() >= next_probe:
+                # copies may have landed by a path this peer did not drive (a repair pull)
+                self._probe_copies([c for c in ids if self.copies(c) < w])
+                next_probe = self._clock() + 2.0
+
+    def _probe_copies(self, ids: list[ChunkId]) -> None:
+        view = self.view()
+        by_peer: dict[str, list[ChunkId]] = defaultdict(list)
+        for cid in ids:
+            for p in view.write_targets(pg_of(cid, view.pg_bits)):
+                if p != view.me:
+                    by_peer[p].append(cid)
+        for peer, cs in by_peer.items():
+            try:
+                have = self.peer_store(peer).has_many(cs)
+            except CastoreError:
+                continue
+            self._confirm(peer, [c for c, h in zip(cs, have) if h])
+
+    # -- reading through ------------------------------------------------------------------
+    def fetch(self, ids: list[ChunkId]) -> None:
+        """Make every id local (a cache copy), from the live peers of its preference list,
+        several holders in parallel. Raises ChunkNotFoundError naming an id nobody gave."""
+        view = self.view()
+        want = [c for c, h in zip(ids, self.local.has_many(ids)) if not h]
+        if not want:
+            return
+        tries: dict[ChunkId, list[str]] = {
+            c: [p for p in view.preference(pg_of(c, view.pg_bits))
+                if p in view.live and p != view.me and not self.quarantined(p)] for c in want}
+        while want:
+            groups: dict[str, list[ChunkId]] = defaultdict(list)
+            for c in want:
+                if not tries[c]:
+                    raise ChunkNotFoundError(f"no live peer holds {c} (asked every peer of its "
+                                             "preference list)")
+                groups[tries[c][0]].append(c)
+            futures = {p: self._pool.submit(self._fetch_from, p, cs) for p, cs in groups.items()}
+            got: set[ChunkId] = set()
+            for p, f in futures.items():
+                got.update(f.result())
+            want = [c for c in want if c not in got]
+            for c in want:
+                tries[c].pop(0)
+
+    def _fetch_from(self, peer: str, ids: list[ChunkId]) -> list[ChunkId]:
+        try:
+            batch = list(self.peer_store(peer).get_stored_many(ids))
+        except CastoreError as exc:
+            log.info("fetch from %s failed: %s", peer[:10], exc)
+            return []
+        return self.accept(peer, batch)
+
+    def accept(self, sender: str, batch: Batch) -> list[ChunkId]:
+        """Store chunks received from a peer, verified; mismatches count against it."""
+        if not batch or self.quarantined(sender):
+            return []
+        stored, rejected = self.local.put_stored_many(batch)
+        self.count_rejects(sender, len(rejected))
+        self._on_bytes(sender, "in", sum(len(s.data) for c, s in batch))
+        return stored
+
+    # -- serving peers --------------------------------------------------------------------
+    def handle_put(self, sender: str, batch: Batch) -> tuple[list[ChunkId], list[ChunkId]]:
+        stored = self.accept(sender, batch)
+        ok = set(stored)
+        return stored, [c for c, _ in batch if c not in ok]
+
+    def handle_pull(self, items: list[tuple[ChunkId, list[str]]]
+                    ) -> tuple[list[ChunkId], list[ChunkId]]:
+        """Fetch items from the given sources (a repair transfer). At most max_transfers run
+        on this peer at once; the rest wait."""
+        with self._inbound:
+            ids = [c for c, _ in items]
+            have = dict(zip(ids, self.local.has_many(ids)))
+            todo = [(c, s) for c, s in items if not have[c]]
+            done = [c for c in ids if have[c]]
+            while todo:
+                by_src: dict[str, list[ChunkId]] = defaultdict(list)
+                left = []
+                for c, srcs in todo:
+                    srcs = [s for s in srcs if not self.quarantined(s)]
+                    if srcs:
+                        by_src[srcs[0]].append(c)
+                        left.append((c, srcs[1:]))
+                got: set[ChunkId] = set()
+                for src, cs in by_src.items():
+                    got.update(self._fetch_from(src, cs))
+                done.extend(got)
+                todo = [(c, s) for c, s in left if c not in got and s]
+            failed = [c for c in ids if c not in set(done)]
+            return done, failed
+
+    def handle_drop(self, ids: list[ChunkId]) -> int:
+        """Delete local copies (a referenced manifest stays); returns how many went."""
+        for cid in ids:
+            self.local.delete(cid)
+        return sum(1 for h in self.local.has_many(ids) if not h)
+
+    # -- repair and rebalance -------------------------------------------------------------
+    def reconcile(self) -> RepairStats:
+        """One repair pass over the groups this peer is primary of; see the module doc."""
+        with self._repair_mutex:
+            started = self._clock()
+            view = self.view()
+            mine = sorted({pg for pg in range(1 << view.pg_bits) if view.primary(pg) == view.me})
+            holders: dict[ChunkId, set[str]] = defaultdict(set)
+            wanted = set(mine)
+            for cid in self.local.ids():
+                if pg_of(cid, view.pg_bits) in wanted:
+                    holders[cid].add(view.me)
+            for peer in sorted(view.live - {view.me}):
+                if self.quarantined(peer) or not mine:
+                    continue
+                try:
+                    for cid in self.peer_store(peer).list_ids(view.pg_bits, mine):
+                        if pg_of(cid, view.pg_bits) in wanted:
+                            holders[cid].add(peer)
+                except CastoreError as exc:
+                    log.info("repair: cannot list %s: %s", peer[:10], exc)
+                    return self.stats
+            pulls: dict[str, list[tuple[int, ChunkId, list[str]]]] = defaultdict(list)
+            by_copies: dict[int, int] = defaultdict(int)
+            under = 0
+            for cid, hs in holders.items():
+                targets = view.targets(pg_of(cid, view.pg_bits))
+                live_targets = [t for t in targets if t in view.live]
+                placed_copies = len([t for t in targets if t in hs])
+                by_copies[len(hs)] += 1
+                if placed_copies < view.r_eff:
+                    under += 1
+                sources = [p for p in view.preference(pg_of(cid, view.pg_bits)) if p in hs]
+                sources += sorted(hs - set(sources))
+                for t in live_targets:
+                    if t not in hs:
+                        pulls[t].append((len(hs), cid, sources))
+            self.stats.under_replicated = under
+            self.stats.by_copies = dict(by_copies)
+            self.stats.pending = sum(len(v) for v in pulls.values())
+            self._run_pulls(pulls, holders)
+            self._drop_extras(view, holders)
+            log.debug("repair pass: %d groups, %d ids, %d under-replicated, %d pulls, "
+                      "%d dropped so far", len(mine), len(holders), under,
+                      sum(len(v) for v in pulls.values()), self.stats.dropped)
+            self.stats.passes += 1
+            self.stats.pending = 0
+            self.stats.last_seconds = self._clock() - started
+            return self.stats
+
+    def _run_pulls(self, pulls: dict[str, list[tuple[int, ChunkId, list[str]]]],
+                   holders: dict[ChunkId, set[str]]) -> None:
+        def run(target: str, work: list[tuple[int, ChunkId, list[str]]]) -> None:
+            work.sort(key=lambda w: w[0])                 # fewest copies first
+            for i in range(0, len(work), self.batch_items):
+                part = work[i:i + self.batch_items]
+                try:
+                    if target == self.view().me:
+                        done, _ = self.handle_pull([(c, s) for _, c, s in part])
+                    else:
+                        done, _ = self.peer_store(target).pull([(c, s) for _, c, s in part])
+                except CastoreError as exc:
+                    log.info("repair: %s could not pull: %s", target[:10], exc)
+                    return
+                with self._cond:
+                    for c in done:
+                        holders[c].add(target)
+                    self.stats.transfers += len(done)
+                    self.stats.pending -= len(part)
+                self._confirm(target, done)
+        with ThreadPoolExecutor(max(1, self._max_transfers),
+                                thread_name_prefix="castore-repair") as pool:
+            for f in [pool.submit(run, t, w) for t, w in pulls.items()]:
+                f.result()
+
+    def _drop_extras(self, view: ClusterView, holders: dict[ChunkId, set[str]]) -> None:
+        drops: dict[str, list[ChunkId]] = defaultdict(list)
+        for cid, hs in holders.items():
+            targets = view.targets(pg_of(cid, view.pg_bits))
+            if not all(t in hs and t in view.live for t in targets):
+                continue                       # make-before-break: every target holds it
+            for h in hs - set(targets):
+                drops[h].append(cid)
+        for peer, ids in drops.items():
+            try:
+                n = self.handle_drop(ids) if peer == view.me else self.peer_store(peer).drop(ids)
+                self.stats.dropped += n
+                with self._cond:
+                    for c in ids:
+                        self._copies.get(c, set()).discard(peer)
+            except CastoreError as exc:
+                log.info("repair: %s could not drop copies: %s", peer[:10], exc)
+
+    def close(self) -> None:
+        with self._cond:
+            for q in self._queues.values():
+                q.put(None)
+        self._pool.shutdown(wait=False, cancel_futures=True)
