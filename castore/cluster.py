@@ -29,7 +29,8 @@ from castore.placement import PeerInfo, holders, preference_list
 from castore.replication import ClusterView, Replicator, pg_of
 from castore.repo import Repo
 from castore.store.lmdb import read_counters
-from castore.rpc.peer_client import Peers, enrol, member_from_pb, member_to_pb
+from castore.nssync import NamespaceSync
+from castore.rpc.peer_client import Peers, RemoteOpPeer, enrol, member_from_pb, member_to_pb
 from castore.rpc.peer_server import (DynamicTrust, EnrolServicer, PeerServicer, serve_enrol,
                                      serve_peer)
 
@@ -87,6 +88,9 @@ class Cluster:
                                      max_transfers=cfg.max_repair_transfers,
                                      on_bytes=self._count_bytes)
         servicer = PeerServicer(self.membership, self.replicator, self.holdings)
+        self.namespace = NamespaceSync(repo=self.repo, peers=self._op_peers,
+                                       interval=max(1.0, min(5.0, cfg.probe_interval * 4)))
+        servicer.namespace = self.namespace
         trust = DynamicTrust(self.identity, self._member_certs)
         server, bound = serve_peer(servicer, trust, cfg.listen, cfg.max_message, self.metrics)
         self._servers.append(server)
@@ -119,12 +123,14 @@ class Cluster:
             t = threading.Thread(target=fn, name=f"castore-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        self.namespace.start()
         log.info("peer %s serving %s (enrolment %s)", self.peer_id[:10], self.listen,
                  self.enrol_addr)
 
     def stop(self) -> None:
         self._stop.set()
         self._repair_now.set()
+        self.namespace.stop()
         self.repo.env.on_commit = None
         for t in self._threads:
             t.join(timeout=5)
@@ -167,6 +173,11 @@ class Cluster:
                     self.membership.merge(self.peers.sync(m, self.membership.members()))
                 except CastoreError:
                     continue
+
+    def _op_peers(self) -> dict[str, RemoteOpPeer]:
+        """The members reachable now, for namespace sync."""
+        return {m.peer_id: RemoteOpPeer(self.peers.store(m.peer_id))
+                for m in self.membership.live() if m.peer_id != self.peer_id and m.addr}
 
     def invite(self) -> str:
         return JoinToken(self._secret(), self.enrol_addr,

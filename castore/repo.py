@@ -219,10 +219,22 @@ class Repo:
         try:
             return self.env.read(run)
         except ChunkNotFoundError:
-            if self.fetch is None or not _looks_like_id(target):
+            if self.fetch is None:
                 raise
-        self.fetch([ChunkId.from_hex(target)])     # read through: a manifest or a chunk
+        if _looks_like_id(target):
+            self.fetch([ChunkId.from_hex(target)])     # read through: a manifest or a chunk
+        else:                                          # a path whose manifest is elsewhere
+            ref = self.env.read(lambda t: self._head_ref(t, target))
+            if len(ref) != 32:
+                raise ChunkNotFoundError(f"the content of {target} is not in the local store")
+            self.fetch([ChunkId(ref)])
         return self.env.read(run)
+
+    def _head_ref(self, txn: LmdbTxn, target: str) -> bytes:
+        node, version = self.ns.resolve_view(txn, target)
+        head = node.head if version is None else \
+            next((h for h in node.heads if h.key == version), None)
+        return bytes(head.manifest) if head is not None else b""
 
     def read(self, target: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
         """Stream the bytes of a path or content id, each chunk verified on the way out."""

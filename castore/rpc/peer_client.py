@@ -22,6 +22,7 @@ from castore.ids import ChunkId
 from castore.membership import Member, State
 from castore.metrics import Registry
 from castore.rpc.errors import from_rpc_error
+from castore.ops import Op
 from castore.store import StoredChunk
 
 Batch = list[tuple[ChunkId, StoredChunk]]
@@ -184,6 +185,39 @@ class RemoteStore:
                                       timeout=self.rpc_timeout).dropped)
         except grpc.RpcError as exc:
             raise self._fail(exc, "drop") from exc
+
+
+class RemoteOpPeer:
+    """One peer's namespace endpoints (castore.nssync.OpPeer) over its peer service."""
+
+    def __init__(self, store: RemoteStore) -> None:
+        self._store = store
+
+    def _call(self, what: str, fn: Any, request: Any, timeout: float) -> Any:
+        try:
+            return fn(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._store._fail(exc, what) from exc
+
+    def push_ops(self, ops: list[Op]) -> int:
+        reply = self._call("push ops", self._store.stub.PushOps,
+                           pp.OpBatch(ops=[op.encode() for op in ops]), self._store.rpc_timeout)
+        return int(reply.applied)
+
+    def pull_ops(self, vv: dict[bytes, int]) -> list[Op]:
+        reply = self._call("pull ops", self._store.stub.PullOps,
+                           pp.VersionVector(seqs={k.hex(): v for k, v in vv.items()}),
+                           self._store.rpc_timeout)
+        return [Op.decode(raw) for raw in reply.ops]
+
+    def snapshot(self) -> Iterator[tuple[str, bytes, bytes]]:
+        try:
+            for batch in self._store.stub.Snapshot(pp.SnapshotRequest(),
+                                                   timeout=self._store.stream_timeout):
+                for row in batch.rows:
+                    yield row.table, row.key, row.value
+        except grpc.RpcError as exc:
+            raise self._store._fail(exc, "snapshot") from exc
 
 
 class Peers:

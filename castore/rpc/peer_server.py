@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,6 +28,8 @@ from castore.ids import ChunkId
 from castore.membership import Member, Membership, State
 from castore.metrics import Registry
 from castore.replication import Replicator, pg_of
+from castore.errors import CastoreError, PeerUnavailableError
+from castore.ops import Op, OpType, check_name
 from castore.rpc.errors import abort_on_error
 from castore.rpc.peer_client import _cid, channel_options, member_from_pb, member_to_pb
 from castore.store import StoredChunk
@@ -84,6 +87,7 @@ class PeerServicer(ppg.PeerServicer):
         self._rep = replicator
         self._hold = holdings
         self._fp_cache: dict[bytes, str] = {}
+        self.namespace: Any = None           # NamespaceSync, set by the cluster
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         pems = context.auth_context().get("x509_pem_cert") or []
@@ -116,6 +120,37 @@ class PeerServicer(ppg.PeerServicer):
         self._caller(context)
         out = self._ms.handle_sync([member_from_pb(m) for m in request.members])
         return pp.SyncReply(members=[member_to_pb(m) for m in out])
+
+    # -- namespace ------------------------------------------------------------------------
+    def PushOps(self, request: pp.OpBatch, context: grpc.ServicerContext) -> pp.OpAck:
+        self._caller(context)
+        with abort_on_error(context):
+            ops = _decode_ops(request.ops, context)
+            return pp.OpAck(applied=self.namespace.receive(ops) if self.namespace else 0)
+
+    def PullOps(self, request: pp.VersionVector, context: grpc.ServicerContext) -> pp.OpBatch:
+        self._caller(context)
+        with abort_on_error(context):
+            vv = {bytes.fromhex(k): int(v) for k, v in request.seqs.items()}
+            return pp.OpBatch(ops=[op.encode() for op in self._hold_repo().ops_since(vv)])
+
+    def Snapshot(self, request: pp.SnapshotRequest, context: grpc.ServicerContext
+                 ) -> Iterator[pp.SnapshotRows]:
+        self._caller(context)
+        with abort_on_error(context):
+            rows: list[pp.SnapshotRow] = []
+            for table, key, value in self._hold_repo().export_snapshot():
+                rows.append(pp.SnapshotRow(table=table, key=key, value=value))
+                if len(rows) >= 4096:
+                    yield pp.SnapshotRows(rows=rows)
+                    rows = []
+            if rows:
+                yield pp.SnapshotRows(rows=rows)
+
+    def _hold_repo(self) -> Any:
+        if self.namespace is None:
+            raise PeerUnavailableError("this peer does not share its namespace yet")
+        return self.namespace.repo
 
     def Has(self, request: pp.Ids, context: grpc.ServicerContext) -> pp.HasReply:
         self._caller(context)
@@ -188,6 +223,20 @@ class PeerServicer(ppg.PeerServicer):
         self._caller(context)
         with abort_on_error(context):
             return pp.DropReply(dropped=self._rep.handle_drop([_cid(i) for i in request.ids]))
+
+
+def _decode_ops(raw: Iterable[bytes], context: grpc.ServicerContext) -> list[Op]:
+    """Ops from a peer are hostile input: a malformed one fails the call, applying nothing."""
+    ops = []
+    for buf in raw:
+        try:
+            op = Op.decode(buf)
+            if op.type == OpType.MOVE:
+                check_name(op.name)
+        except (ValueError, struct.error, CastoreError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed namespace op: {exc}")
+        ops.append(op)
+    return ops
 
 
 class EnrolServicer(ppg.EnrolServicer):
