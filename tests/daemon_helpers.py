@@ -318,7 +318,7 @@ def assert_same_tree(expected: Path, actual: Path) -> None:
 # -- tmpfs --------------------------------------------------------------------------------
 def require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root (mount -t tmpfs)")
+        pytest.fail("the disk-full tests need root (mount -t tmpfs); run with -k 'not tmpfs'")
 
 
 @contextmanager
@@ -329,7 +329,7 @@ def tmpfs(path: Path, size: str = "64m") -> Iterator[Path]:
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
                            str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
         yield path
     finally:

@@ -1,0 +1,475 @@
+"""The drive's FUSE adapter: mfusepy on libfuse3 over castore.vfs. It only translates calls,
+buffers and errors (errno is chosen here and nowhere else), and runs the mount's lifecycle.
+Imported lazily (castore.node, on --mount): importing it loads libfuse3.
+
+Facts this relies on (DESIGN.md section 8, research/probes.md section 1): mfusepy binds libfuse2
+unless FUSE_LIBRARY_NAME=fuse3 is set before it is imported; mfusepy 3.1.1 drops renameat2
+flags and truncate's file handle, so both are passed through here; attribute names of the
+Operations object that match FUSE operations become callbacks, so state lives under _names;
+per-open keep_cache (never the global kernel_cache) keeps the page cache of unchanged files.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+if "FUSE_LIBRARY_PATH" not in os.environ:
+    os.environ["FUSE_LIBRARY_NAME"] = "fuse3"    # mfusepy would pick libfuse2 first otherwise
+
+import mfusepy  # noqa: E402
+
+from castore import mounts  # noqa: E402
+from castore.errors import (CastoreError, ChunkNotFoundError, ExistsError,  # noqa: E402
+                            IntegrityError, InvalidNameError, IsDirectoryError,
+                            NameTooLongError, NotDirectoryError, NotEmptyError,
+                            PathNotFoundError, PeerUnavailableError, StorageFullError)
+from castore.mounts import MountError  # noqa: E402
+from castore.ops import Kind  # noqa: E402
+from castore.repo import Repo  # noqa: E402
+from castore.vfs import (Attr, AttributeTooLargeError, DeadlineError,  # noqa: E402
+                         NoAttributeError, NotPermittedError, UnsupportedError, Vfs)
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+if mfusepy.fuse_version_major != 3:              # pragma: no cover - depends on the machine
+    raise ImportError(f"castore needs libfuse3, but mfusepy loaded {mfusepy._libfuse_path}")
+
+ATTR_TIMEOUT = 1.0               # seconds the kernel caches attributes and names
+MOUNT_TIMEOUT = 15.0             # seconds to wait for a mount to come up
+UNMOUNT_JOIN = 5.0               # seconds to wait for the FUSE loop to end after unmounting
+BLKSIZE = 128 << 10              # st_blksize: programs size their I/O buffers from it
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+_READDIR_PLUS, _FILL_DIR_PLUS = 1, 2     # libfuse3 fuse_readdir_flags, fuse_fill_dir_flags
+
+# Most specific first: NameTooLongError is an InvalidNameError.
+ERRNO: list[tuple[type[BaseException], int]] = [
+    (PathNotFoundError, errno.ENOENT), (NotDirectoryError, errno.ENOTDIR),
+    (IsDirectoryError, errno.EISDIR), (NameTooLongError, errno.ENAMETOOLONG),
+    (InvalidNameError, errno.EINVAL), (ExistsError, errno.EEXIST),
+    (NotEmptyError, errno.ENOTEMPTY), (IntegrityError, errno.EIO),
+    (ChunkNotFoundError, errno.EIO), (StorageFullError, errno.ENOSPC),
+    (NoAttributeError, errno.ENODATA), (NotPermittedError, errno.EPERM),
+    (UnsupportedError, errno.ENOTSUP), (AttributeTooLargeError, errno.E2BIG),
+    (DeadlineError, errno.ETIMEDOUT), (PeerUnavailableError, errno.EIO)]
+_LOUD = (errno.EIO, errno.ENOSPC, errno.ETIMEDOUT)
+_TYPE = {Kind.FILE: 0o100000, Kind.DIR: 0o040000, Kind.SYMLINK: 0o120000}
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno a caller of the drive sees for an exception (EIO for anything unexpected)."""
+    for kind, code in ERRNO:
+        if isinstance(exc, kind):
+            return code
+    if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0:
+        return exc.errno
+    return errno.EIO
+
+
+def _translated(fn: F) -> F:
+    """Run a FUSE operation, turning every error into a FuseOSError with the right errno."""
+    @wraps(fn)
+    def run(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except mfusepy.FuseOSError:
+            raise
+        except CastoreError as exc:
+            code = errno_of(exc)
+            if code in _LOUD:
+                log.error("%s: %s (%s)", fn.__name__, exc, errno.errorcode.get(code, code))
+            raise mfusepy.FuseOSError(code) from None
+        except OSError as exc:
+            code = errno_of(exc)
+            if code in _LOUD:
+                log.error("%s: %s", fn.__name__, exc)
+            raise mfusepy.FuseOSError(code) from None
+        except Exception:
+            log.exception("castore drive: unexpected error in %s", fn.__name__)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+    return run  # type: ignore[return-value]
+
+
+def _fh(fi: Any) -> int | None:
+    if fi is None:
+        return None
+    return int(fi) if isinstance(fi, int) else int(fi.fh)
+
+
+def _stat(a: Attr) -> dict[str, int]:
+    return {"st_mode": _TYPE[a.kind] | a.mode, "st_nlink": a.nlink, "st_size": a.size,
+            "st_uid": a.uid, "st_gid": a.gid, "st_mtime": a.mtime_ns, "st_ctime": a.mtime_ns,
+            "st_atime": a.mtime_ns, "st_blocks": (a.size + 511) // 512,
+            "st_blksize": BLKSIZE}
+
+
+class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
+    """FUSE operations over a Vfs. With raw_fi, file operations get the fuse_file_info."""
+
+    use_ns = True                       # times are int nanoseconds
+
+    def __init__(self, vfs: Vfs) -> None:
+        self._vfs = vfs
+        self._fuse_ptr: int | None = None
+        self._ready = threading.Event()
+        self._dirs: dict[int, list[tuple[bytes, dict[str, int]]] | None] = {}
+        self._dirs_mutex = threading.Lock()
+        self._next_dir = 0
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        self._fuse_ptr = mfusepy._libfuse.fuse_get_context().contents.fuse
+        if config is not None:
+            config.attr_timeout = ATTR_TIMEOUT
+            config.entry_timeout = ATTR_TIMEOUT
+            config.negative_timeout = ATTR_TIMEOUT
+            config.kernel_cache = 0      # it would override the per-open keep_cache choice
+            config.hard_remove = 0       # unlinked open files: hidden names (see castore.vfs)
+        self._ready.set()
+
+    # -- attributes -----------------------------------------------------------------------
+    @_translated
+    def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
+        return _stat(self._vfs.getattr(path, _fh(fh)))
+
+    @_translated
+    def readdir(self, path: str, fh: Any) -> list[Any]:
+        out: list[Any] = [".", ".."]
+        for name, kind in self._vfs.readdir(path):
+            out.append((name.decode("utf-8", "surrogateescape"), {"st_mode": _TYPE[kind]}, 0))
+        return out
+
+    def opendir(self, path: str) -> int:
+        with self._dirs_mutex:
+            fh = self._next_dir = self._next_dir + 1
+            self._dirs[fh] = None
+        return fh
+
+    def releasedir(self, path: str | None, fh: int) -> int:
+        with self._dirs_mutex:
+            self._dirs.pop(fh, None)
+        return 0
+
+    @_translated
+    def listing(self, path: str, fh: int, fresh: bool) -> list[tuple[bytes, dict[str, int]]]:
+        """The entries of an open directory with their attributes, read once per pass
+        (offset 0) and served from there to the calls that continue it."""
+        entries = None if fresh else self._dirs.get(fh)
+        if entries is None:
+            dirs = [(b".", {"st_mode": _TYPE[Kind.DIR]}), (b"..", {"st_mode": _TYPE[Kind.DIR]})]
+            entries = dirs + [(name, _stat(a)) for name, a in self._vfs.readdir_attrs(path)]
+            with self._dirs_mutex:
+                if fh in self._dirs:
+                    self._dirs[fh] = entries
+        return entries
+
+    @_translated
+    def chmod(self, path: str | None, mode: int) -> int:
+        if path is None:
+            raise PathNotFoundError("chmod of an unlinked file")
+        self._vfs.chmod(path, mode)
+        return 0
+
+    @_translated
+    def chown(self, path: str | None, uid: int, gid: int) -> int:
+        if path is None:
+            raise PathNotFoundError("chown of an unlinked file")
+        self._vfs.chown(path, uid, gid)
+        return 0
+
+    @_translated
+    def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
+        if path is None:
+            raise PathNotFoundError("utimens of an unlinked file")
+        if times is None:
+            mtime: int | None = time.time_ns()
+        else:
+            mtime = int(times[1])
+            if mtime == UTIME_NOW:
+                mtime = time.time_ns()
+            elif mtime == UTIME_OMIT:
+                mtime = None
+        self._vfs.utimens(path, mtime)
+        return 0
+
+    @_translated
+    def statfs(self, path: str) -> dict[str, int]:
+        return self._vfs.statfs()
+
+    # -- extended attributes --------------------------------------------------------------
+    @_translated
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return self._vfs.getxattr(path, name)
+
+    @_translated
+    def setxattr(self, path: str, name: str, value: bytes, options: int,
+                 position: int = 0) -> int:
+        self._vfs.setxattr(path, name, value, options)
+        return 0
+
+    @_translated
+    def listxattr(self, path: str) -> list[str]:
+        return self._vfs.listxattr(path)
+
+    @_translated
+    def removexattr(self, path: str, name: str) -> int:
+        self._vfs.removexattr(path, name)
+        return 0
+
+    # -- namespace ------------------------------------------------------------------------
+    @_translated
+    def mkdir(self, path: str, mode: int) -> int:
+        self._vfs.mkdir(path, mode)
+        return 0
+
+    @_translated
+    def rmdir(self, path: str) -> int:
+        self._vfs.rmdir(path)
+        return 0
+
+    @_translated
+    def unlink(self, path: str) -> int:
+        self._vfs.unlink(path)
+        return 0
+
+    @_translated
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        self._vfs.rename(old, new, flags)
+        return 0
+
+    @_translated
+    def symlink(self, path: str, target: str) -> int:
+        # mfusepy's order: the new link's path, then what it points to
+        self._vfs.symlink(path, target)
+        return 0
+
+    @_translated
+    def readlink(self, path: str) -> str:
+        return self._vfs.readlink(path).decode("utf-8", "surrogateescape")
+
+    @_translated
+    def link(self, target: str, source: str) -> int:
+        self._vfs.link(source, target)
+        return 0
+
+    @_translated
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        self._vfs.mknod(path, mode)
+        return 0
+
+    # -- files ----------------------------------------------------------------------------
+    @_translated
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        opened = self._vfs.create(path, mode, fi.flags | os.O_CREAT)
+        fi.fh = opened.fh
+        return 0
+
+    @_translated
+    def open(self, path: str, fi: Any) -> int:
+        opened = self._vfs.open(path, fi.flags)
+        fi.keep_cache = 1 if opened.keep_cache else 0
+        if (fi.flags & os.O_ACCMODE) == os.O_RDONLY:
+            fi.noflush = 1               # nothing to commit: the kernel can skip FLUSH
+        fi.fh = opened.fh
+        return 0
+
+    @_translated
+    def read(self, path: str | None, size: int, offset: int, fh: Any) -> bytes:
+        return self._vfs.read(_fh(fh) or 0, offset, size)
+
+    @_translated
+    def read_into(self, dest: memoryview, offset: int, fh: int) -> int:
+        return self._vfs.read_into(fh, offset, dest)
+
+    @_translated
+    def write(self, path: str | None, data: bytes | memoryview, offset: int, fh: Any) -> int:
+        return self._vfs.write(_fh(fh) or 0, offset, data)
+
+    @_translated
+    def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
+        self._vfs.truncate(path, length, _fh(fh))
+        return 0
+
+    @_translated
+    def flush(self, path: str | None, fh: Any) -> int:
+        self._vfs.flush(_fh(fh) or 0)
+        return 0
+
+    @_translated
+    def fsync(self, path: str | None, datasync: int, fh: Any) -> int:
+        self._vfs.fsync(_fh(fh) or 0)
+        return 0
+
+    @_translated
+    def release(self, path: str | None, fh: Any) -> int:
+        self._vfs.release(_fh(fh) or 0)
+        return 0
+
+
+def _buffer(ptr: Any, size: int) -> memoryview:
+    """A writable view of size bytes of libfuse's buffer (no copy)."""
+    addr = ctypes.cast(ptr, ctypes.c_void_p).value or 0
+    return memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+
+
+class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
+    """mfusepy's FUSE with the few calls it gets wrong for castore overridden: rename keeps
+    its renameat2 flags, truncate its file handle, and read/write move bytes between the vfs
+    and libfuse's buffers directly instead of through intermediate bytes objects."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return int(self.operations.rename(old.decode(self.encoding, self.errors),
+                                          new.decode(self.encoding, self.errors), flags) or 0)
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        fh = fip.contents.fh if fip else None
+        return int(self.operations.truncate(
+            None if path is None else path.decode(self.encoding, self.errors), length, fh) or 0)
+
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        return int(self.operations.read_into(_buffer(buf, size), offset, fip.contents.fh))
+
+    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any,
+                       flags: int) -> int:
+        """Entries with offsets, so that libfuse 3.14 sends READDIRPLUS attributes (in its
+        offset-less mode it drops them, and the kernel then looks up every entry again)."""
+        if path is None:
+            return -errno.ENOENT
+        fh = int(fip.contents.fh) if fip else 0
+        entries = self.operations.listing(path.decode(self.encoding, self.errors), fh,
+                                          offset == 0)
+        plus = _FILL_DIR_PLUS if flags & _READDIR_PLUS else 0
+        st = mfusepy.c_stat()
+        for i in range(offset, len(entries)):
+            name, attrs = entries[i]
+            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+            mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            if filler(buf, name, st, i + 1, plus if i >= 2 else 0) != 0:
+                break
+        return 0
+
+
+class Mount:
+    """A mounted drive, served by a FUSE loop in its own thread."""
+
+    def __init__(self, vfs: Vfs, ops: CastoreOps, mountpoint: str,
+                 thread: threading.Thread, errors: list[BaseException]) -> None:
+        self.vfs = vfs
+        self.mountpoint = mountpoint
+        self._ops = ops
+        self._thread = thread
+        self._errors = errors
+        self._dev: int | None = None
+        self._stopped = False
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Unmount (lazily if busy), end the FUSE loop, and commit what open files still
+        hold. Idempotent; never raises for an already unmounted drive."""
+        if self._stopped:
+            return
+        self._stopped = True
+        lazy = False
+        try:
+            how = mounts.unmount(self.mountpoint) if mounts.find(self.mountpoint) else \
+                "not mounted"
+            lazy = how == "lazily unmounted"
+            if lazy:
+                self._abort_connection()
+        finally:
+            # After a lazy unmount the loop may only learn it should end from a request
+            # that never comes: do not wait long; the process exit closes /dev/fuse, which
+            # aborts the connection (descriptors still open then get ENOTCONN).
+            self._thread.join(1.0 if lazy else UNMOUNT_JOIN)
+            if self._thread.is_alive():
+                self._exit_loop()
+                self._thread.join(1.0)
+            self.vfs.close()
+        log.info("castore drive at %s stopped", self.mountpoint)
+
+    def _abort_connection(self) -> None:
+        """A lazily detached mount still serves open descriptors: abort its connection so
+        they fail at once (ENOTCONN) and the loop ends."""
+        if self._dev is None:
+            return
+        try:
+            with open(f"/sys/fs/fuse/connections/{os.minor(self._dev)}/abort", "w") as fh:
+                fh.write("1")
+        except OSError as exc:
+            log.debug("cannot abort the FUSE connection: %s", exc)
+            self._exit_loop()
+
+    def _exit_loop(self) -> None:
+        ptr = self._ops._fuse_ptr
+        if ptr:
+            lib = mfusepy._libfuse
+            lib.fuse_exit.argtypes = [ctypes.c_void_p]
+            lib.fuse_exit.restype = None
+            lib.fuse_exit(ptr)
+            try:                  # fuse_exit only sets a flag: wake a worker with a request
+                os.stat(os.path.join(self.mountpoint, f".castore-wake-{uuid.uuid4().hex}"))
+            except OSError:
+                pass
+
+
+def start_mount(repo: Repo, mountpoint: str, allow_other: bool = False) -> Mount:
+    """Mount the repo's namespace at mountpoint and return once it serves. A stale castore
+    mount left there by a killed daemon is cleaned up first. Raises MountError.
+
+    Signal handlers must already be installed in the main thread (libfuse takes over any
+    signal still at its default when the loop starts)."""
+    mp = os.path.abspath(mountpoint)
+    mounts.clear_stale(mp)
+    try:
+        os.makedirs(mp, exist_ok=True)
+    except OSError as exc:
+        raise MountError(f"cannot use {mp} as a mountpoint: {exc.strerror}") from None
+    vfs = Vfs(repo)
+    ops = CastoreOps(vfs)
+    errors: list[BaseException] = []
+    options: dict[str, Any] = dict(foreground=True, raw_fi=True, fsname="castore",
+                                   subtype="castore", default_permissions=True)
+    if allow_other:
+        options["allow_other"] = True
+
+    def serve() -> None:
+        try:
+            _Fuse(ops, mp, **options)
+        except BaseException as exc:  # reported by start_mount, or ends the daemon
+            errors.append(exc)
+            log.error("the FUSE loop for %s ended with an error: %r", mp, exc)
+
+    thread = threading.Thread(target=serve, name="castore-fuse", daemon=True)
+    thread.start()
+    mount = Mount(vfs, ops, mp, thread, errors)
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while time.monotonic() < deadline:
+        if not thread.is_alive():
+            vfs.close()
+            raise MountError(f"could not mount the drive at {mp}: "
+                             f"{errors[0] if errors else 'the FUSE loop ended'}")
+        if ops._ready.is_set() and mounts.find(mp) is not None:
+            try:
+                mount._dev = os.stat(mp).st_dev
+                break
+            except OSError:
+                pass
+        time.sleep(0.02)
+    else:
+        mount.stop()
+        raise MountError(f"the drive at {mp} did not come up within {MOUNT_TIMEOUT:.0f} s")
+    mounts.raise_readahead(mp)
+    log.info("castore drive mounted at %s", mp)
+    return mount
+
+
+__all__ = ["CastoreOps", "Mount", "MountError", "errno_of", "start_mount"]

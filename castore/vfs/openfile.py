@@ -1,0 +1,306 @@
+"""The state of one file open on this peer, shared by all its descriptors: what a read sees and
+what a close commits.
+
+The content is the committed version the file was opened at (the base, read chunk by chunk
+through a ChunkReader), overlaid with what was written since, kept in a sparse staging file.
+Below `base_limit` the staging file holds only the 64 KiB blocks that were written (a partly
+written block is first filled from the base); from base_limit on, staging holds everything.
+Appends are chunked while they arrive (StreamWriter). build() turns the content into a
+manifest for the commit, reusing every base chunk before the first change, so a small edit of
+a big file stores only the chunks it touched.
+
+Imports no FUSE code and no LMDB; the vfs supplies chunk loading and storing.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from castore import chunking
+from castore.files import ChunkPipeline, Manifest, Prepared, prepare
+from castore.ids import ChunkId, NodeId
+from castore.ops import Attrs
+from castore.vfs.readcache import Budget, ChunkReader, ChunkSource, DeadlineError
+from castore.vfs.staging import Staging
+from castore.vfs.stream import Cutter, StreamWriter
+
+BLOCK = 64 << 10            # granularity of the written-blocks map below base_limit
+STREAM_FROM = 16 << 20      # bytes appended before chunking starts in the background
+SMALL_COMMIT = 4 << 20      # content up to this size is chunked inside the commit itself
+
+
+@dataclass
+class FileServices:
+    """What open files need from the vfs."""
+
+    source: ChunkSource
+    read_pool: Executor
+    budget: Budget
+    staging_dir: Path
+    level: int
+    pipeline: Callable[[], ChunkPipeline]
+    readahead: Callable[[], object]
+    lock_timeout: float = 30.0
+
+
+@dataclass
+class Built:
+    """A file's content ready to commit: the manifest, and chunks to store with it."""
+
+    manifest: Manifest
+    prepared: list[Prepared] = field(default_factory=list)
+
+
+class OpenFile:
+    """Shared open state of one file. Every method is thread-safe (one lock, taken with a
+    timeout: DeadlineError rather than a hang)."""
+
+    def __init__(self, svc: FileServices, node: NodeId | None, base: Manifest,
+                 base_key: bytes | None, base_ref: bytes, mode: int, mtime_ns: int,
+                 attrs: Attrs | None = None, parent: NodeId | None = None,
+                 name: bytes = b"") -> None:
+        self.svc = svc
+        self.node = node                    # None: created here, not committed yet
+        self.parent = parent                # where a pending create goes
+        self.name = name
+        self.handles = 0
+        self.unlinked = False
+        self.mode = mode
+        self.mtime_ns = mtime_ns
+        self.attrs: Attrs = dict(attrs or {})   # for a pending create: xattrs, owner
+        self._lock = threading.Lock()
+        self._set_base(base, base_key, base_ref)
+        self.size = base.size
+        self.dirty = node is None           # a new file is committed even if never written
+
+    # -- state ----------------------------------------------------------------------------
+    def _set_base(self, base: Manifest, key: bytes | None, ref: bytes) -> None:
+        self.base = base
+        self.base_key = key
+        self.base_ref = ref
+        self.base_limit = base.size
+        self.staged: set[int] = set()
+        self.staging: Staging | None = None
+        self.stream: StreamWriter | None = None
+        self.reader = ChunkReader(base, self.svc.source, self.svc.read_pool, self.svc.budget,
+                                  self.svc.readahead())
+        self._seq_end: int | None = base.size     # appends from here on can be streamed
+        self._written_end = base.size
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        if not self._lock.acquire(timeout=self.svc.lock_timeout):
+            raise DeadlineError(f"an open file stayed busy for {self.svc.lock_timeout:.0f} s")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _staging(self) -> Staging:
+        if self.staging is None:
+            self.staging = Staging(self.svc.staging_dir)
+            self.staging.truncate(self.size)
+        return self.staging
+
+    def close(self) -> None:
+        """Drop staging and caches (after the last handle is released)."""
+        with self.locked():
+            self._drop_staging()
+            self.reader.close()
+
+    def _drop_staging(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        if self.staging is not None:
+            self.staging.close()
+            self.staging = None
+
+    # -- reading --------------------------------------------------------------------------
+    def read_into(self, offset: int, dest: memoryview) -> int:
+        """Copy the bytes at offset into dest; returns how many (short only at the end)."""
+        if not self.dirty:
+            reader = self.reader             # a commit may swap it; either one is right
+            return reader.read_into(offset, dest[:max(0, min(len(dest), self.size - offset))])
+        with self.locked():
+            return self._read_merged(offset, dest)
+
+    def _read_merged(self, offset: int, dest: memoryview) -> int:
+        n = min(len(dest), self.size - offset)
+        if n <= 0:
+            return 0
+        pos, end = offset, offset + n
+        limit = self.base_limit
+        while pos < end:
+            b = pos // BLOCK
+            from_base = pos < limit and b not in self.staged
+            stop = min(end, limit) if pos < limit else end
+            if pos < limit:
+                b += 1
+                while b * BLOCK < stop and ((b not in self.staged) == from_base):
+                    b += 1
+                stop = min(stop, b * BLOCK)
+            piece = dest[pos - offset:stop - offset]
+            if from_base:
+                got = self.reader.read_into(pos, piece)
+                if got < len(piece):
+                    piece[got:] = bytes(len(piece) - got)
+            else:
+                self._staging().pread_into(piece, pos)
+            pos = stop
+        return n
+
+    # -- writing --------------------------------------------------------------------------
+    def write(self, offset: int | None, data: bytes | memoryview) -> int:
+        """Write data at offset (None: at the end, for O_APPEND). data is only read during
+        the call. Returns the number of bytes written."""
+        with self.locked():
+            if offset is None:
+                offset = self.size
+            n = len(data)
+            end = offset + n
+            staging = self._staging()
+            if offset < self.base_limit:
+                self._fill_blocks(offset, min(end, self.base_limit))
+            staging.pwrite(data, offset)
+            self._note_write(offset, end)
+            self.size = max(self.size, end)
+            self.dirty = True
+            self.mtime_ns = time.time_ns()
+            return n
+
+    def _fill_blocks(self, lo: int, hi: int) -> None:
+        """Before writing [lo, hi) below base_limit: blocks it only partly covers get their
+        base bytes first, so staging holds whole blocks."""
+        assert self.staging is not None
+        for b in range(lo // BLOCK, (hi - 1) // BLOCK + 1):
+            if b in self.staged:
+                continue
+            start, stop = b * BLOCK, min((b + 1) * BLOCK, self.base_limit)
+            if not (lo <= start and hi >= stop):
+                buf = bytearray(stop - start)
+                got = self.reader.read_into(start, memoryview(buf))
+                self.staging.pwrite(memoryview(buf)[:got], start)
+            self.staged.add(b)
+
+    def _note_write(self, offset: int, end: int) -> None:
+        seq = self._seq_end
+        if seq is not None and offset == seq and self._written_end <= seq and \
+                self.base_limit in (0, self.base.size) and not self.staged:
+            self._seq_end = end
+            if self.stream is not None:
+                self.stream.advance(end)
+            elif end - self.base_limit >= STREAM_FROM and self.staging is not None and \
+                    self.staging.fd is not None:
+                self.stream = StreamWriter(self.base_limit, self._stream_read,
+                                           self.svc.pipeline())
+                self.stream.advance(end)
+        elif seq is not None:
+            self._seq_end = None
+            if self.stream is not None:
+                self.stream.limit(min(offset, seq))
+        self._written_end = max(self._written_end, end)
+
+    def _stream_read(self, offset: int, dest: memoryview) -> int:
+        """For the StreamWriter thread: bytes it was told are final. No lock: the staging
+        file is closed only after the stream stops, and a truncation it races with gives a
+        short read, which ends the stream (the commit then chunks from staging)."""
+        staging = self.staging
+        fd = staging.fd if staging is not None else None
+        if fd is None:
+            return 0
+        return os.preadv(fd, [dest], offset)
+
+    def truncate(self, length: int) -> None:
+        with self.locked():
+            if length == self.size and (self.dirty or length == self.base.size):
+                return
+            staging = self._staging()
+            if length < self.base_limit:
+                self.base_limit = length
+                self.staged = {b for b in self.staged if b * BLOCK < length}
+            staging.truncate(length)
+            if length == 0:
+                if self.stream is not None:
+                    self.stream.close()
+                    self.stream = None
+                self._seq_end = 0 if self.base_limit == 0 else None
+                self._written_end = 0
+            elif self._seq_end is not None and length < self._seq_end:
+                self._seq_end = None
+                if self.stream is not None:
+                    self.stream.limit(length)
+            self._written_end = min(self._written_end, length)
+            self.size = length
+            self.dirty = True
+            self.mtime_ns = time.time_ns()
+
+    # -- committing -----------------------------------------------------------------------
+    def build(self) -> Built:
+        """The current content as a manifest. Chunks of large content are stored here
+        already (durable, unreferenced until the commit); small content comes back as
+        prepared chunks. Call with the lock held (see locked())."""
+        ids: list[ChunkId] = []
+        lengths: list[int] = []
+        if self.stream is not None:           # it started at base_limit: 0 or the base's end
+            if self.base_limit:
+                ids, lengths = list(self.base.chunks), list(self.base.lengths)
+            s_ids, s_lengths = self.stream.take(self._seq_end if self._seq_end is not None
+                                                else self.size)
+            ids += s_ids
+            lengths += s_lengths
+            self.stream = None
+        elif self.base_limit > 0:
+            clean = min(self.base_limit, min(self.staged) * BLOCK) if self.staged \
+                else self.base_limit
+            # the chunks that end at or before the first changed byte are kept as they are
+            k = self.base.locate(clean) if clean < self.base.size else len(self.base.chunks)
+            ids, lengths = list(self.base.chunks[:k]), list(self.base.lengths[:k])
+        start = sum(lengths)
+        if start == self.size:
+            return Built(Manifest(tuple(ids), tuple(lengths)))
+        if self.size - start <= SMALL_COMMIT:
+            buf = bytearray(self.size - start)
+            self._read_merged(start, memoryview(buf))
+            pieces: list[bytes | memoryview] = [memoryview(buf)] \
+                if len(buf) <= chunking.MIN_SIZE else list(chunking.split(buf))
+            prepared = [prepare(p, self.svc.level) for p in pieces]
+            ids += [p.cid for p in prepared]
+            lengths += [p.raw_len for p in prepared]
+            return Built(Manifest(tuple(ids), tuple(lengths)), prepared)
+        tail, _ = self.svc.pipeline().store_chunks(self._tail_chunks(start))
+        return Built(Manifest(tuple(ids) + tail.chunks, tuple(lengths) + tail.lengths))
+
+    def _tail_chunks(self, start: int) -> Iterator[bytes | memoryview]:
+        """The chunks of [start, size), cut as chunking the whole file from start would."""
+        staging = self._staging()
+        if start >= self.base_limit and staging.fd is not None:
+            view = staging.map()             # straight from the staging file, no copies
+            try:
+                for off, n in chunking.cut(view[start:self.size]):
+                    yield view[start + off:start + off + n]
+            finally:
+                del view
+            return
+        yield from Cutter(self._read_merged, start).all(self.size)
+
+    def committed(self, manifest: Manifest, key: bytes, ref: bytes,
+                  node: NodeId | None = None) -> None:
+        """The content of build() is now the committed version `key`. Lock held."""
+        if node is not None:
+            self.node = node
+        self._drop_staging()
+        old = self.reader
+        self._set_base(manifest, key, ref)
+        old.close()
+        self.size = manifest.size
+        self.dirty = False
+        self.attrs = {}
+
+

@@ -1,0 +1,406 @@
+"""Each file-system operation of the drive on a real FUSE mount, with the errno it fails with.
+
+One daemon serves the module; every test works in its own directory of the drive.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import mmap
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fuse_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Drive, castore,
+                          drive, errname, needs_fuse, oserror, renameat2)
+
+pytestmark = [pytest.mark.fuse, needs_fuse, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drive]:
+    with drive(tmp_path_factory.mktemp("fuse-ops")) as d:
+        yield d
+
+
+@pytest.fixture
+def here(mounted: Drive, request: pytest.FixtureRequest) -> Path:
+    d = mounted.path(request.node.name[:100])
+    d.mkdir()
+    return d
+
+
+def test_create_write_read_stat(here: Path) -> None:
+    p = here / "hello.txt"
+    p.write_bytes(b"hello, drive\n")
+    st = p.stat()
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644
+    assert st.st_size == 13 and st.st_nlink == 1
+    assert abs(st.st_mtime_ns - time.time_ns()) < 60 * 10**9
+    assert p.read_bytes() == b"hello, drive\n"
+    (here / "sub1").mkdir()
+    (here / "sub2").mkdir(mode=0o750)
+    dst = here.stat()
+    assert stat.S_ISDIR(dst.st_mode) and dst.st_nlink == 2 + 2
+    assert stat.S_IMODE((here / "sub2").stat().st_mode) == 0o750
+    assert sorted(os.listdir(here)) == ["hello.txt", "sub1", "sub2"]
+    kinds = {e.name: (e.is_file(), e.is_dir()) for e in os.scandir(here)}
+    assert kinds == {"hello.txt": (True, False), "sub1": (False, True), "sub2": (False, True)}
+
+
+def test_errnos(here: Path) -> None:
+    (here / "f").write_bytes(b"x")
+    (here / "d").mkdir()
+    (here / "d" / "inner").write_bytes(b"y")
+    cases = [
+        (os.stat, (here / "missing",), errno.ENOENT),
+        (os.open, (here / "missing", os.O_RDONLY), errno.ENOENT),
+        (os.stat, (here / "f" / "below",), errno.ENOTDIR),
+        (os.mkdir, (here / "f" / "below",), errno.ENOTDIR),
+        (os.rmdir, (here / "f",), errno.ENOTDIR),
+        (os.open, (here / "d", os.O_WRONLY), errno.EISDIR),
+        (os.unlink, (here / "d",), errno.EISDIR),
+        (os.stat, (here / ("n" * 256),), errno.ENAMETOOLONG),
+        (os.mkdir, (here / ("n" * 300),), errno.ENAMETOOLONG),
+        (os.rmdir, (here / "d",), errno.ENOTEMPTY),
+        (os.mkdir, (here / "d",), errno.EEXIST),
+        (os.open, (here / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL), errno.EEXIST),
+        (os.link, (here / "f", here / "hard"), errno.EPERM),
+        (os.mkfifo, (here / "fifo",), errno.EPERM),
+        (os.readlink, (here / "f",), errno.EINVAL),
+    ]
+    for fn, args, want in cases:
+        got = oserror(fn, *args)
+        assert got == want, f"{fn.__name__}{args}: {errname(got)}, expected {errname(want)}"
+    name255 = here / ("n" * 255)
+    name255.write_bytes(b"ok")
+    assert name255.read_bytes() == b"ok"
+
+
+def test_unlink_mkdir_rmdir(here: Path) -> None:
+    (here / "a").write_bytes(b"1")
+    os.unlink(here / "a")
+    assert not (here / "a").exists()
+    (here / "x" / "y").mkdir(parents=True)
+    os.rmdir(here / "x" / "y")
+    os.rmdir(here / "x")
+    assert os.listdir(here) == []
+
+
+def test_rename_files_and_dirs(here: Path) -> None:
+    (here / "a").write_bytes(b"A")
+    (here / "b").write_bytes(b"B")
+    os.rename(here / "a", here / "b")                       # over an existing file
+    assert (here / "b").read_bytes() == b"A" and not (here / "a").exists()
+    (here / "d1").mkdir()
+    (here / "d1" / "f").write_bytes(b"in d1")
+    (here / "d2").mkdir()
+    os.rename(here / "d1", here / "d2")                     # over an empty directory
+    assert (here / "d2" / "f").read_bytes() == b"in d1"
+    (here / "d3").mkdir()
+    (here / "d4").mkdir()
+    (here / "d4" / "keep").write_bytes(b"k")
+    assert oserror(os.rename, here / "d3", here / "d4") == errno.ENOTEMPTY
+    assert oserror(os.rename, here / "b", here / "d3") == errno.EISDIR
+    assert oserror(os.rename, here / "d3", here / "b") == errno.ENOTDIR
+    assert oserror(os.rename, here / "d2", here / "d2" / "inside") == errno.EINVAL
+    (here / "d2" / "deep").mkdir()
+    os.rename(here / "d2", here / "moved")                  # a tree moves as one
+    assert (here / "moved" / "f").read_bytes() == b"in d1"
+    assert (here / "moved" / "deep").is_dir()
+    assert sorted(os.listdir(here)) == ["b", "d3", "d4", "moved"]
+
+
+def test_renameat2_flags(here: Path) -> None:
+    (here / "one").write_bytes(b"1")
+    (here / "two").write_bytes(b"2")
+    # RENAME_EXCHANGE must not turn into a plain rename that destroys the target
+    assert renameat2(here / "one", here / "two", RENAME_EXCHANGE) == errno.EINVAL
+    assert (here / "one").read_bytes() == b"1" and (here / "two").read_bytes() == b"2"
+    assert renameat2(here / "one", here / "two", RENAME_WHITEOUT) == errno.EINVAL
+    assert renameat2(here / "one", here / "two", RENAME_NOREPLACE) == errno.EEXIST
+    assert (here / "two").read_bytes() == b"2"
+    assert renameat2(here / "one", here / "three", RENAME_NOREPLACE) == 0
+    assert (here / "three").read_bytes() == b"1" and not (here / "one").exists()
+
+
+def test_symlinks(here: Path) -> None:
+    (here / "target").write_bytes(b"pointed at")
+    os.symlink("target", here / "link")
+    os.symlink("../nowhere/at/all", here / "dangling")
+    assert os.readlink(here / "link") == "target"
+    assert stat.S_ISLNK(os.lstat(here / "link").st_mode)
+    assert os.lstat(here / "link").st_size == len("target")
+    assert (here / "link").read_bytes() == b"pointed at"
+    assert os.readlink(here / "dangling") == "../nowhere/at/all"
+    assert oserror(os.stat, here / "dangling") == errno.ENOENT
+    assert oserror(os.symlink, "x", here / "link") == errno.EEXIST
+    os.unlink(here / "link")
+    assert (here / "target").exists()
+
+
+def test_chmod_and_utimens(here: Path) -> None:
+    p = here / "f"
+    p.write_bytes(b"data")
+    os.chmod(p, 0o600)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    os.chmod(here, 0o700)
+    assert stat.S_IMODE(here.stat().st_mode) == 0o700
+    os.utime(p, ns=(1_600_000_000_000_000_001, 1_600_000_000_123_456_789))
+    assert p.stat().st_mtime_ns == 1_600_000_000_123_456_789
+    before = time.time_ns()
+    os.utime(p)                                             # "touch": now
+    assert p.stat().st_mtime_ns >= before - 10**9
+    assert p.read_bytes() == b"data"
+
+
+def test_truncate_and_ftruncate(here: Path) -> None:
+    p = here / "t"
+    p.write_bytes(b"0123456789")
+    os.truncate(p, 4)
+    assert p.read_bytes() == b"0123"
+    os.truncate(p, 8)
+    assert p.read_bytes() == b"0123\0\0\0\0"
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.ftruncate(fd, 2)
+        assert os.fstat(fd).st_size == 2
+        os.pwrite(fd, b"XY", 6)
+        assert os.pread(fd, 100, 0) == b"01\0\0\0\0XY"
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"01\0\0\0\0XY"
+
+
+def test_o_append_and_o_trunc(here: Path) -> None:
+    p = here / "log"
+    p.write_bytes(b"first\n")
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"second\n")
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, b"third\n")                            # O_APPEND ignores the offset
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"first\nsecond\nthird\n"
+    fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+    try:
+        assert os.fstat(fd).st_size == 0
+        os.write(fd, b"new")
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"new"
+
+
+def test_unlink_while_open(here: Path) -> None:
+    p = here / "doomed"
+    p.write_bytes(b"still here")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.unlink(p)
+        assert os.listdir(here) == []                       # no .fuse_hidden names show
+        assert os.pread(fd, 100, 0) == b"still here"
+        os.pwrite(fd, b"STILL", 0)
+        assert os.pread(fd, 100, 0) == b"STILL here"
+        os.ftruncate(fd, 5)
+        assert os.fstat(fd).st_size == 5
+        time.sleep(1.2)                                     # past the attribute timeout
+        assert os.fstat(fd).st_size == 5 and os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 100, 0) == b"STILL"
+    finally:
+        os.close(fd)
+    assert os.listdir(here) == []
+    os.rmdir(here)                                          # nothing hidden keeps it busy
+
+
+def test_unlinked_dir_entry_does_not_block_rmdir(here: Path) -> None:
+    d = here / "d"
+    d.mkdir()
+    (d / "f").write_bytes(b"x")
+    fd = os.open(d / "f", os.O_RDONLY)
+    try:
+        os.unlink(d / "f")
+        os.rmdir(d)
+        assert os.read(fd, 10) == b"x"
+    finally:
+        os.close(fd)
+
+
+def test_rename_over_open_file_keeps_old_bytes(here: Path) -> None:
+    (here / "cfg").write_bytes(b"old version")
+    fd = os.open(here / "cfg", os.O_RDONLY)
+    try:
+        (here / "cfg.tmp").write_bytes(b"new version")
+        os.rename(here / "cfg.tmp", here / "cfg")           # the editor's save
+        assert sorted(os.listdir(here)) == ["cfg"]
+        assert os.pread(fd, 100, 0) == b"old version"
+        assert (here / "cfg").read_bytes() == b"new version"
+    finally:
+        os.close(fd)
+
+
+def test_descriptors_share_one_open_state(here: Path) -> None:
+    p = here / "shared"
+    p.write_bytes(b"aaaaaaaaaa")
+    w = os.open(p, os.O_WRONLY)
+    r = os.open(p, os.O_RDONLY)
+    try:
+        os.pwrite(w, b"BB", 3)
+        assert os.pread(r, 100, 0) == b"aaaBBaaaaa"        # before any close
+        os.pwrite(w, b"tail", 10)
+        assert os.pread(r, 100, 0) == b"aaaBBaaaaatail"
+        w2 = os.open(p, os.O_RDWR)
+        try:
+            assert os.pread(w2, 100, 0) == b"aaaBBaaaaatail"
+        finally:
+            os.close(w2)
+    finally:
+        os.close(w)
+        os.close(r)
+    assert p.read_bytes() == b"aaaBBaaaaatail"
+
+
+def test_close_commits_a_version(mounted: Drive, here: Path) -> None:
+    p = here / "v"
+    with open(p, "wb") as f:
+        f.write(b"version one")
+    rel = "/" + str(p.relative_to(mounted.mnt))
+    out = json.loads(castore("stat", "--json", rel, home=mounted.home).stdout)
+    assert out["size"] == 11
+    assert os.getxattr(p, "user.castore.id").decode() == out["content"]
+    assert castore("cat", rel, home=mounted.home).stdout == "version one"
+
+
+def test_close_to_open(mounted: Drive, here: Path, tmp_path: Path) -> None:
+    """A descriptor open on a version keeps reading it when another version is committed
+    (here through the daemon's API); the next open sees the new one."""
+    p = here / "doc.txt"
+    p.write_bytes(b"the old text")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert os.read(fd, 4) == b"the "
+        local = tmp_path / "doc.txt"
+        local.write_bytes(b"the NEW text, longer")
+        rel_dir = "/" + str(here.relative_to(mounted.mnt))
+        castore("add", "-q", local, "--to", rel_dir, home=mounted.home)
+        assert os.pread(fd, 100, 0) == b"the old text"
+    finally:
+        os.close(fd)
+    time.sleep(1.2)                                          # the kernel's attribute cache
+    assert p.read_bytes() == b"the NEW text, longer"
+
+
+def test_xattrs(mounted: Drive, here: Path) -> None:
+    p = here / "x"
+    p.write_bytes(b"content" * 1000)
+    cid = os.getxattr(p, "user.castore.id").decode()
+    assert len(cid) == 64 and int(os.getxattr(p, "user.castore.chunks")) == 1
+    rel = "/" + str(p.relative_to(mounted.mnt))
+    assert json.loads(castore("stat", "--json", rel, home=mounted.home).stdout)["content"] == cid
+    os.setxattr(p, "user.color", b"blue")
+    assert os.getxattr(p, "user.color") == b"blue"
+    assert set(os.listxattr(p)) == {"user.castore.id", "user.castore.chunks", "user.color"}
+    assert oserror(os.setxattr, p, "user.color", b"red", os.XATTR_CREATE) == errno.EEXIST
+    assert oserror(os.setxattr, p, "user.size", b"1", os.XATTR_REPLACE) == errno.ENODATA
+    os.setxattr(p, "user.color", b"red", os.XATTR_REPLACE)
+    assert os.getxattr(p, "user.color") == b"red"
+    assert oserror(os.setxattr, p, "user.castore.id", b"x") == errno.EPERM
+    assert oserror(os.setxattr, p, "trusted.x", b"x") in (errno.ENOTSUP, errno.EPERM)
+    assert oserror(os.getxattr, p, "user.nothing") == errno.ENODATA
+    os.removexattr(p, "user.color")
+    assert oserror(os.getxattr, p, "user.color") == errno.ENODATA
+    assert oserror(os.removexattr, p, "user.color") == errno.ENODATA
+    os.setxattr(here, "user.dir", b"on a directory")
+    assert os.getxattr(here, "user.dir") == b"on a directory"
+    p.write_bytes(b"other content")                          # a new version, a new id
+    assert os.getxattr(p, "user.castore.id").decode() != cid
+
+
+def test_statfs_reports_the_repo_disk(mounted: Drive) -> None:
+    got, want = os.statvfs(mounted.mnt), os.statvfs(mounted.home)
+    assert got.f_bsize == want.f_bsize and got.f_blocks == want.f_blocks
+    assert abs(got.f_bavail - want.f_bavail) < want.f_blocks // 100 + 1024
+    assert got.f_namemax == 255
+
+
+def test_fsync_and_sizes(here: Path) -> None:
+    p = here / "synced"
+    with open(p, "wb") as f:
+        f.write(b"z" * 100_000)
+        f.flush()
+        os.fsync(f.fileno())
+        f.write(b"y" * 100)
+    st = p.stat()
+    assert st.st_size == 100_100 and st.st_blocks == (100_100 + 511) // 512
+
+
+def test_large_file_sequential_and_random_reads(here: Path) -> None:
+    data = os.urandom(24 << 20) + bytes(8 << 20) + os.urandom(3_000_001)
+    p = here / "big.bin"
+    with open(p, "wb") as f:
+        for i in range(0, len(data), 1 << 20):
+            f.write(data[i:i + (1 << 20)])
+    assert p.stat().st_size == len(data)
+    assert hashlib.sha256(p.read_bytes()).digest() == hashlib.sha256(data).digest()
+    with open(p, "rb") as f:
+        for off in (len(data) - 10, 7, 5 << 20, 30 << 20, 12_345_678):
+            f.seek(off)
+            assert f.read(100_000) == data[off:off + 100_000]
+    chunks = int(os.getxattr(p, "user.castore.chunks"))
+    assert 8 <= chunks <= 80
+
+
+def test_edit_in_the_middle_of_a_large_file(here: Path) -> None:
+    data = bytearray(os.urandom(20 << 20))
+    p = here / "edit.bin"
+    p.write_bytes(data)
+    before = int(os.getxattr(p, "user.castore.chunks"))
+    with open(p, "r+b") as f:
+        f.seek(10 << 20)
+        f.write(b"EDITED")
+        f.seek(len(data))
+        f.write(b"appended")
+    data[10 << 20:(10 << 20) + 6] = b"EDITED"
+    data += b"appended"
+    assert p.read_bytes() == data
+    assert abs(int(os.getxattr(p, "user.castore.chunks")) - before) <= 3
+
+
+def test_shared_mmap_writes(here: Path) -> None:
+    p = here / "mapped"
+    p.write_bytes(bytes(3 * 4096))
+    with open(p, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 3 * 4096)
+        m[4096:4101] = b"HELLO"
+        m.flush()
+        m.close()
+    assert p.read_bytes()[4096:4101] == b"HELLO"
+
+
+def test_many_files_in_one_directory(here: Path) -> None:
+    for i in range(300):
+        (here / f"f{i:04d}").write_bytes(str(i).encode())
+    names = sorted(os.listdir(here))
+    assert names == [f"f{i:04d}" for i in range(300)]
+    assert (here / "f0123").read_bytes() == b"123"
+
+
+def test_pending_file_is_visible_before_close(here: Path) -> None:
+    p = here / "growing"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o640)
+    try:
+        os.write(fd, b"part")
+        assert os.listdir(here) == ["growing"]
+        assert p.stat().st_size == 4 and stat.S_IMODE(p.stat().st_mode) == 0o640
+        assert oserror(os.rmdir, here) == errno.ENOTEMPTY
+        os.rename(p, here / "renamed")
+        os.write(fd, b"-more")
+    finally:
+        os.close(fd)
+    assert (here / "renamed").read_bytes() == b"part-more"
+    assert os.listdir(here) == ["renamed"]

@@ -1,0 +1,247 @@
+"""castore.vfs without a mount: the drive's semantics driven directly, against a model.
+
+Small thresholds (spill to a staging file at 64 KiB, stream appends from 1 MiB) make the
+staging, block-overlay and background-chunking paths run on small files.
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from castore import chunking
+from castore.errors import ExistsError, NotEmptyError, PathNotFoundError
+from castore.ops import Kind
+from castore.repo import IngestItem, Repo
+from castore.vfs import NoAttributeError, NotPermittedError, Vfs
+from castore.vfs import openfile, staging
+
+HIDDEN = "/.fuse_hidden0000000100000002"
+
+
+@pytest.fixture
+def vfs(repo: Repo, monkeypatch: pytest.MonkeyPatch) -> Iterator[Vfs]:
+    monkeypatch.setattr(staging, "SPILL", 64 << 10)
+    monkeypatch.setattr(openfile, "STREAM_FROM", 1 << 20)
+    v = Vfs(repo)
+    try:
+        yield v
+    finally:
+        v.close()
+
+
+def _read_all(v: Vfs, path: str) -> bytes:
+    h = v.open(path, os.O_RDONLY)
+    try:
+        return v.read(h.fh, 0, v.getattr(None, h.fh).size + 1)
+    finally:
+        v.release(h.fh)
+
+
+def _write(v: Vfs, path: str, data: bytes) -> None:
+    h = v.create(path, 0o644, os.O_WRONLY | os.O_TRUNC)
+    for i in range(0, len(data), 1 << 20):
+        v.write(h.fh, i, data[i:i + (1 << 20)])
+    v.flush(h.fh)
+    v.release(h.fh)
+
+
+def test_create_is_committed_on_close_with_its_content(vfs: Vfs, repo: Repo) -> None:
+    h = vfs.create("/a", 0o640, os.O_WRONLY)
+    vfs.write(h.fh, 0, b"hello")
+    assert [n for n, _ in vfs.readdir("/")] == [b"a"]            # visible before commit
+    with pytest.raises(PathNotFoundError):
+        repo.stat("/a")                                         # not in the namespace yet
+    vfs.flush(h.fh)
+    vfs.release(h.fh)
+    entry = repo.stat("/a")
+    assert (entry.size, entry.mode, entry.versions) == (5, 0o640, 1)
+    assert b"".join(repo.read("/a")) == b"hello"
+
+
+def test_random_operations_match_a_model(vfs: Vfs) -> None:
+    seed = random.SystemRandom().randrange(1 << 32)
+    rnd = random.Random(seed)
+    model: dict[str, bytearray] = {}
+    handles: list[tuple[str, int]] = []
+    for step in range(600):
+        op = rnd.random()
+        note = f"seed {seed} step {step}"
+        if op < 0.1 or not handles:
+            name = rnd.choice(["/f1", "/f2", "/f3"])
+            trunc = rnd.random() < 0.2
+            h = vfs.create(name, 0o644, os.O_RDWR | (os.O_TRUNC if trunc else 0))
+            if trunc or name not in model:
+                model[name] = bytearray()
+            handles.append((name, h.fh))
+            continue
+        name, fh = rnd.choice(handles)
+        if name not in model:                      # unlinked meanwhile: skip
+            continue
+        buf = model[name]
+        if op < 0.5:
+            off = rnd.choice([len(buf), rnd.randrange(0, len(buf) + 1), rnd.randrange(0, 3 << 20)])
+            data = rnd.randbytes(rnd.choice([1, 100, 70_000, 400_000]))
+            vfs.write(fh, off, data)
+            if off > len(buf):
+                buf.extend(bytes(off - len(buf)))
+            buf[off:off + len(data)] = data
+        elif op < 0.75:
+            off, n = rnd.randrange(0, len(buf) + 10), rnd.randrange(1, 600_000)
+            assert vfs.read(fh, off, n) == bytes(buf[off:off + n]), note
+        elif op < 0.85:
+            n = rnd.randrange(0, len(buf) + 200_000)
+            vfs.truncate(None, n, fh)
+            del buf[n:]
+            buf.extend(bytes(n - len(buf)))
+        elif op < 0.95:
+            vfs.flush(fh)
+            assert vfs.getattr(name).size == len(buf), note
+        else:
+            vfs.flush(fh)
+            vfs.release(fh)
+            handles.remove((name, fh))
+            assert _read_all(vfs, name) == bytes(buf), note
+    for _, fh in handles:
+        vfs.flush(fh)
+        vfs.release(fh)
+    for name, buf in model.items():
+        assert _read_all(vfs, name) == bytes(buf), f"seed {seed}: {name}"
+
+
+def test_appends_are_chunked_while_written_exactly_as_whole_file(vfs: Vfs, repo: Repo) -> None:
+    data = os.urandom(9 << 20)
+    h = vfs.create("/big", 0o644, os.O_WRONLY)
+    for i in range(0, len(data), 300_000):
+        vfs.write(h.fh, i, data[i:i + 300_000])
+    of = vfs._handles[h.fh].of
+    assert of.stream is not None
+    vfs.flush(h.fh)
+    vfs.release(h.fh)
+    want = [len(c) for c in chunking.split(data)]
+    assert list(repo.manifest_of("/big").lengths) == want
+    assert _read_all(vfs, "/big") == data
+
+
+def test_a_small_edit_of_a_big_file_reuses_its_chunks(vfs: Vfs, repo: Repo) -> None:
+    data = bytearray(os.urandom(12 << 20))
+    _write(vfs, "/big", bytes(data))
+    before = repo.manifest_of("/big")
+    h = vfs.open("/big", os.O_RDWR)
+    vfs.write(h.fh, 8 << 20, b"changed")
+    vfs.flush(h.fh)
+    vfs.release(h.fh)
+    data[8 << 20:(8 << 20) + 7] = b"changed"
+    after = repo.manifest_of("/big")
+    assert _read_all(vfs, "/big") == data
+    kept = set(before.chunks) & set(after.chunks)
+    assert len(kept) >= len(before.chunks) - 3
+    assert after.chunks[:len(before.chunks) // 2] == before.chunks[:len(before.chunks) // 2]
+
+
+def test_hidden_names_of_unlinked_open_files(vfs: Vfs) -> None:
+    vfs.mkdir("/d")
+    _write(vfs, "/d/f", b"data")
+    h = vfs.open("/d/f", os.O_RDWR)
+    vfs.rename("/d/f", "/d" + HIDDEN)                   # what libfuse does on unlink
+    assert vfs.readdir("/d") == []
+    vfs.rmdir("/d")
+    vfs.write(h.fh, 4, b"+more")
+    assert vfs.read(h.fh, 0, 100) == b"data+more"
+    assert vfs.getattr("/gone" + HIDDEN).nlink == 0
+    vfs.flush(h.fh)                                    # nothing is committed for it
+    vfs.release(h.fh)
+    vfs.unlink("/gone" + HIDDEN)
+
+
+def test_unlink_while_open_keeps_every_descriptor_working(vfs: Vfs) -> None:
+    _write(vfs, "/f", b"0123456789")
+    a = vfs.open("/f", os.O_RDWR)
+    b = vfs.open("/f", os.O_RDONLY)
+    vfs.unlink("/f")
+    vfs.write(a.fh, 0, b"AB")
+    vfs.flush(a.fh)
+    vfs.release(a.fh)                                   # one closes; the other still reads
+    assert vfs.read(b.fh, 0, 100) == b"AB23456789"
+    vfs.release(b.fh)
+    with pytest.raises(PathNotFoundError):
+        vfs.getattr("/f")
+
+
+def test_an_open_descriptor_keeps_its_version(vfs: Vfs, repo: Repo) -> None:
+    _write(vfs, "/doc", b"old")
+    h = vfs.open("/doc", os.O_RDONLY)
+    list(repo.ingest([IngestItem("/doc", Kind.FILE, data=b"new text")]))
+    assert vfs.read(h.fh, 0, 100) == b"old"
+    h2 = vfs.open("/doc", os.O_RDONLY)
+    assert not h2.keep_cache                       # the kernel must drop the old pages
+    assert vfs.read(h2.fh, 0, 100) == b"new text"
+    vfs.release(h.fh)
+    vfs.release(h2.fh)
+    h3 = vfs.open("/doc", os.O_RDONLY)
+    assert h3.keep_cache                           # unchanged since: pages may stay
+    vfs.release(h3.fh)
+
+
+def test_concurrent_writers_leave_a_conflict_copy(vfs: Vfs, repo: Repo) -> None:
+    _write(vfs, "/c.txt", b"base")
+    h = vfs.open("/c.txt", os.O_RDWR)
+    vfs.write(h.fh, 0, b"mine")
+    list(repo.ingest([IngestItem("/c.txt", Kind.FILE, data=b"theirs")]))
+    vfs.flush(h.fh)
+    vfs.release(h.fh)
+    names = sorted(n for n, _ in vfs.readdir("/"))
+    assert len(names) == 2 and any(b".sync-conflict-" in n for n in names), names
+    contents = {_read_all(vfs, "/" + n.decode()) for n in names}
+    assert contents == {b"mine", b"theirs"}
+
+
+def test_attributes_before_close_ride_with_the_commit(vfs: Vfs, repo: Repo) -> None:
+    h = vfs.create("/x", 0o600, os.O_WRONLY)
+    vfs.write(h.fh, 0, b"data")
+    vfs.chmod("/x", 0o755)
+    vfs.utimens("/x", 1_234_567_890_123_456_789)
+    vfs.setxattr("/x", "user.k", b"v")
+    with pytest.raises(ExistsError):
+        vfs.setxattr("/x", "user.k", b"w", 1)
+    assert vfs.getxattr("/x", "user.k") == b"v"
+    ops_before = sum(repo.version_vector().values())
+    vfs.flush(h.fh)
+    vfs.release(h.fh)
+    assert sum(repo.version_vector().values()) == ops_before + 1     # one op for it all
+    e = repo.stat("/x")
+    assert (e.mode, e.mtime_ns, e.xattrs) == (0o755, 1_234_567_890_123_456_789,
+                                              {"user.k": b"v"})
+
+
+def test_xattr_rules(vfs: Vfs) -> None:
+    _write(vfs, "/f", b"x")
+    with pytest.raises(NotPermittedError):
+        vfs.setxattr("/f", "user.castore.id", b"0")
+    with pytest.raises(NoAttributeError):
+        vfs.getxattr("/f", "security.selinux")
+    assert len(vfs.getxattr("/f", "user.castore.id")) == 64
+    assert vfs.getxattr("/f", "user.castore.chunks") == b"1"
+
+
+def test_rmdir_refuses_a_directory_with_a_file_being_created(vfs: Vfs) -> None:
+    vfs.mkdir("/d")
+    h = vfs.create("/d/new", 0o644, os.O_WRONLY)
+    with pytest.raises(NotEmptyError):
+        vfs.rmdir("/d")
+    vfs.release(h.fh)
+    assert [n for n, _ in vfs.readdir("/d")] == [b"new"]
+
+
+def test_directory_link_counts(vfs: Vfs) -> None:
+    vfs.mkdir("/p")
+    assert vfs.getattr("/p").nlink == 2
+    vfs.mkdir("/p/a")
+    vfs.mkdir("/p/b")
+    assert vfs.getattr("/p").nlink == 4
+    vfs.rmdir("/p/a")
+    assert vfs.getattr("/p").nlink == 3
+    vfs.rename("/p/b", "/b")
+    assert vfs.getattr("/p").nlink == 2
