@@ -282,36 +282,6 @@ class ChunkPipeline:
         return Manifest(tuple(ids), tuple(lengths)), new
 
 
-def prepare_files(paths: list[str], level: int
-                  ) -> list[tuple[list[tuple[bytes, int, int, bytes]], int] | str]:
-    """Read, cut, hash and encode small files; runs in a worker process. For each path:
-    ([(chunk digest, raw length, codec, stored bytes)], size), or an error message."""
-    out: list[tuple[list[tuple[bytes, int, int, bytes]], int] | str] = []
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                size = os.fstat(fd).st_size
-                data = os.read(fd, size + 1)
-                while len(data) < size:          # short read of a larger file
-                    more = os.read(fd, size - len(data) + 1)
-                    if not more:
-                        break
-                    data += more
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            out.append(f"{path}: {exc.strerror or exc}")
-            continue
-        pieces = [data] if 0 < len(data) <= chunking.MIN_SIZE else list(chunking.split(data))
-        chunks = []
-        for piece in pieces:
-            p = prepare(piece, level)
-            chunks.append((p.cid.digest, p.raw_len, p.codec, bytes(p.stored)))
-        out.append((chunks, len(data)))
-    return out
-
-
 def read_small(path: str | os.PathLike[str] | int, size: int) -> bytes:
     """Read a whole small file (fd or path)."""
     if isinstance(path, int):

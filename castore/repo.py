@@ -7,26 +7,21 @@ its transaction is durable.
 """
 from __future__ import annotations
 
-import itertools
 import logging
-import multiprocessing
 import os
 import stat as st
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from castore import chunking
 from castore.config import Config
 from castore.errors import (CastoreError, ChunkNotFoundError, ExistsError, IntegrityError,
-                            IsDirectoryError, NotDirectoryError, PathNotFoundError, RepoError,
+                            IsDirectoryError, NotDirectoryError, RepoError,
                             StorageFullError, UsageError)
-from castore.files import (EMPTY, ChunkPipeline, Files, Manifest, Prepared, content_id, prepare,
-                           prepare_files)
+from castore.files import EMPTY, ChunkPipeline, Files, Manifest, Prepared, content_id, prepare
 from castore.hlc import HybridClock
 from castore.ids import ROOT, TRASH, ChunkId, NodeId
 from castore.namespace import CONFLICT_TAG, Namespace
@@ -39,8 +34,6 @@ BATCH_FILES = 2000              # small files per commit
 BATCH_BYTES = 32 << 20          # or this many bytes
 BATCH_SECONDS = 0.25            # or this long since the first pending file
 SMALL_FILE = 4 << 20            # up to this size a file is read whole; above, mmapped
-POOL_MIN_FILES = 512            # items looked at to decide; half must be small local files
-POOL_RUN = 256                  # small files per worker task
 
 
 @dataclass(frozen=True)
@@ -119,7 +112,6 @@ class Repo:
         self.ns = Namespace(self.replica, HybridClock(last), self.files.retain,
                             self.files.release)
         self.pool = ThreadPoolExecutor(3, thread_name_prefix="castore-ingest")
-        self._procs: ProcessPoolExecutor | None = None
         self._closed = False
         # cluster mode (set by the daemon): make missing chunks/manifests local, or raise
         # ChunkNotFoundError; and wait until content is on W peers
@@ -156,8 +148,6 @@ class Repo:
         if not self._closed:
             self._closed = True
             self.pool.shutdown(wait=True)
-            if self._procs is not None:
-                self._procs.shutdown(wait=True, cancel_futures=True)
             self.env.close()
 
     def __enter__(self) -> Repo:
@@ -423,80 +413,13 @@ class Repo:
                   bytes_done: Callable[[int], None]
                   ) -> Iterator[tuple[IngestItem, tuple[Manifest, list[Prepared], int] |
                                       BaseException]]:
-        """Each item with its prepared chunks (or the error), in order. Runs of small local
-        files are read, hashed and compressed in worker processes, ahead of the commits made
-        here, so both cores work; everything else is prepared in this thread."""
-        ahead: deque[tuple[list[IngestItem], Future[list[Any]] | None]] = deque()
-        run: list[IngestItem] = []
-        level = self.store.level
-
-        def pooled(item: IngestItem) -> bool:
-            return (item.kind == Kind.FILE and item.source is not None and item.data is None
-                    and item.chunks is None and item.size <= SMALL_FILE)
-
-        def submit() -> None:
-            nonlocal run
-            if run:
-                ahead.append((run, self._workers().submit(
-                    prepare_files, [i.source for i in run], level)))
-                run = []
-
-        def drain() -> Iterator[tuple[IngestItem, Any]]:
-            group, fut = ahead.popleft()
-            if fut is None:
-                try:
-                    yield group[0], self._prepare(group[0], pipeline, bytes_done)
-                except (OSError, CastoreError) as exc:
-                    yield group[0], exc
-                return
-            for item, res in zip(group, fut.result()):
-                if isinstance(res, str):
-                    yield item, CastoreError(res)
-                    continue
-                chunks, size = res
-                item.size = size
-                prepared = [Prepared(ChunkId(d), n, c, b) for d, n, c, b in chunks]
-                bytes_done(size)
-                yield item, (Manifest(tuple(p.cid for p in prepared),
-                                      tuple(p.raw_len for p in prepared)), prepared, 0)
-
-        source = iter(items)
-        first: list[IngestItem] = []
-        for item in source:
-            first.append(item)
-            if len(first) >= POOL_MIN_FILES or item.chunks is not None:
-                break     # a streamed item (Put) must be consumed before the next is read
-        if sum(1 for i in first if pooled(i)) < POOL_MIN_FILES // 2:
-            for item in itertools.chain(first, source):      # too few to pay for the workers
-                try:
-                    yield item, self._prepare(item, pipeline, bytes_done)
-                except (OSError, CastoreError) as exc:
-                    yield item, exc
-            return
-        for item in itertools.chain(first, source):
-            if pooled(item):
-                run.append(item)
-                if len(run) >= POOL_RUN:
-                    submit()
-            else:
-                submit()
-                ahead.append(([item], None))
-                if item.chunks is not None:
-                    while ahead:
-                        yield from drain()
-            while len(ahead) > 3 or (ahead and ahead[0][1] is None and len(ahead) > 1):
-                yield from drain()
-        submit()
-        while ahead:
-            yield from drain()
-
-    def _workers(self) -> ProcessPoolExecutor:
-        if self._procs is None:
-            # forkserver: workers start from a clean process, never a fork of this
-            # multi-threaded one (gRPC and FUSE threads do not survive fork)
-            self._procs = ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("forkserver"))
-        return self._procs
+        """Each item with its prepared chunks, or the error that stopped it, in order. A
+        streamed item is consumed before the next one is read."""
+        for item in items:
+            try:
+                yield item, self._prepare(item, pipeline, bytes_done)
+            except (OSError, CastoreError) as exc:
+                yield item, exc
 
     def _prepare(self, item: IngestItem, pipeline: ChunkPipeline,
                  bytes_done: Callable[[int], None]) -> tuple[Manifest, list[Prepared], int]:
