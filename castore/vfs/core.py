@@ -1,0 +1,352 @@
+"""The core of the drive's file system: the state shared by every operation (open-file
+registries, caches, worker pools), path resolution through the namespace and the files being
+created here, and attributes (stat, readdir, chmod, chown, utimens, statfs). The operations
+on files, the tree and xattrs build on it (handles.py, edits.py, xattrs.py; Vfs in fs.py).
+Imports no FUSE code.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from castore.errors import (ChunkNotFoundError, ExistsError, InvalidNameError,
+                            NotDirectoryError, PathNotFoundError)
+from castore.files import ChunkPipeline
+from castore.ids import ROOT, ChunkId, NodeId
+from castore.ops import Attrs, Kind, Node, int_attr, split_path
+from castore.repo import Repo
+from castore.store.lmdb import LmdbTxn
+from castore.store.readahead import Readahead
+from castore.vfs.openfile import FileServices, OpenFile
+from castore.vfs.readcache import Budget, DeadlineError
+from castore.vfs.source import StoreSource
+from castore.vfs.types import HIDDEN, Attr, Handle, Target, apply_attrs, overlaid
+
+T = TypeVar("T")
+
+REGISTRY_TIMEOUT = 10.0
+NLINK_TTL = 1.0                 # seconds a directory's subdirectory count is cached
+STAT_CACHE = 100_000            # stat results cached at most
+
+
+class VfsCore:
+    """State and lookups shared by Vfs's operations (see castore.vfs.fs.Vfs). The registries
+    of open files change under _registry() only; caches are validated, never trusted."""
+
+    def __init__(self, repo: Repo, staging_dir: str | os.PathLike[str] | None = None, *,
+                 lock_timeout: float = 30.0) -> None:
+        self.repo = repo
+        self._env, self._ns, self._store, self._files = repo.env, repo.ns, repo.store, repo.files
+        self.staging_dir = Path(staging_dir or repo.config.home / "staging")
+        self.staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.started_ns = time.time_ns()
+        self._read_pool = ThreadPoolExecutor(3, thread_name_prefix="castore-vfs-read")
+        self._write_pool = ThreadPoolExecutor(3, thread_name_prefix="castore-vfs-write")
+        self._svc = FileServices(
+            source=StoreSource(self._store, self._read_chunk), read_pool=self._read_pool,
+            budget=Budget(),
+            staging_dir=self.staging_dir, level=self._store.level,
+            pipeline=lambda: ChunkPipeline(self._env, self._store, self._write_pool),
+            readahead=Readahead, lock_timeout=lock_timeout)
+        self._mutex = threading.Lock()      # the registries below; held only briefly
+        self._open: dict[NodeId, OpenFile] = {}
+        self._pending: dict[tuple[NodeId, bytes], OpenFile] = {}
+        self._hidden: dict[bytes, OpenFile] = {}
+        self._handles: dict[int, Handle] = {}
+        self._fhs = itertools.count(1)
+        self._kernel: OrderedDict[NodeId, bytes | None] = OrderedDict()
+        # dir -> (monotonic expiry, subdirectories): counted at most once per NLINK_TTL,
+        # kept exact in between by this drive's own mkdir/rmdir/rename
+        self._subdirs: dict[NodeId, tuple[float, int]] = {}
+        # stat results of committed files nobody has open, valid while no transaction
+        # committed (LMDB's txn id) and no open file changed here (_gen)
+        self._stat_cache: dict[str | bytes, tuple[int, int, Attr]] = {}
+        self._resolved: dict[str | bytes, tuple[int, Node, bytes | None]] = {}
+        self._gen = 0
+
+    # -- plumbing -------------------------------------------------------------------------
+    @contextmanager
+    def _registry(self) -> Iterator[None]:
+        if not self._mutex.acquire(timeout=REGISTRY_TIMEOUT):
+            raise DeadlineError("the drive's open-file table stayed busy")
+        try:
+            yield
+        finally:
+            self._mutex.release()
+
+    def _read_chunk(self, fn: Callable[[LmdbTxn], T], cid: ChunkId) -> T:
+        """Run a chunk read; in cluster mode a chunk not held here is fetched first."""
+        try:
+            return self._env.read(fn)
+        except ChunkNotFoundError:
+            if self.repo.fetch is None:
+                raise
+        self.repo.fetch([cid])
+        return self._env.read(fn)
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise InvalidNameError(f"no open file with handle {fh}")
+        return h
+
+    def _resolve(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0) -> Target:
+        """What path names. With txn_id (the last commit before txn began), a committed
+        node found for this path since then is taken from a cache: walking a path costs a
+        lookup and a decode per component, and programs reopen the same paths a lot."""
+        if txn_id:
+            hit = self._resolved.get(path)
+            if hit is not None and hit[0] == txn_id:
+                return Target(hit[1], self._open.get(hit[1].id), hit[2])
+        target = self._walk(txn, path)
+        if txn_id and target.node is not None:
+            if len(self._resolved) > STAT_CACHE:
+                self._resolved.clear()
+            self._resolved[path] = (txn_id, target.node, target.version)
+        return target
+
+    def _walk(self, txn: LmdbTxn, path: str | bytes) -> Target:
+        parts = split_path(path)
+        node = self._ns.get(txn, ROOT)
+        assert node is not None
+        if not parts:
+            return Target(node, None)
+        last = parts[-1]
+        if HIDDEN.match(last):
+            of = self._hidden.get(last)
+            if of is not None:
+                return Target(None, of, name=last)
+        for part in parts[:-1]:
+            node = self._child_dir(txn, node, part, path)
+        if node.kind != Kind.DIR:
+            raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+        entry = self._ns.lookup_view(txn, node.id, last)
+        if entry is not None:
+            child = self._ns.get(txn, entry.node)
+            if child is not None:
+                return Target(child, self._open.get(child.id), entry.version, node, last)
+        of = self._pending.get((node.id, last))
+        if of is not None:
+            return Target(None, of, None, node, last)
+        raise PathNotFoundError(f"no such file or directory: {os.fsdecode(path)}")
+
+    def _child_dir(self, txn: LmdbTxn, node: Node, part: bytes, path: str | bytes) -> Node:
+        if node.kind != Kind.DIR:
+            raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+        entry = self._ns.lookup_view(txn, node.id, part)
+        child = self._ns.get(txn, entry.node) if entry is not None else None
+        if child is None:
+            if (node.id, part) in self._pending:
+                raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+            raise PathNotFoundError(f"no such file or directory: {os.fsdecode(path)}")
+        if child.kind != Kind.DIR or entry is None or entry.version is not None:
+            raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+        return child
+
+    def _parent(self, txn: LmdbTxn, path: str | bytes) -> tuple[Node, bytes]:
+        """The directory a new entry goes in, and its name. ExistsError if the name is taken
+        (by a committed entry or a file being created)."""
+        parts = split_path(path)
+        if not parts:
+            raise ExistsError("/ exists")
+        node = self._ns.get(txn, ROOT)
+        assert node is not None
+        for part in parts[:-1]:
+            node = self._child_dir(txn, node, part, path)
+        if node.kind != Kind.DIR:
+            raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+        if self._ns.lookup_view(txn, node.id, parts[-1]) is not None or \
+                (node.id, parts[-1]) in self._pending:
+            raise ExistsError(f"{os.fsdecode(path)} exists")
+        return node, parts[-1]
+
+    def _pending_children(self, parent: NodeId) -> list[tuple[bytes, OpenFile]]:
+        return [(name, of) for (p, name), of in list(self._pending.items()) if p == parent]
+
+    # -- attributes -----------------------------------------------------------------------
+    def getattr(self, path: str | bytes | None, fh: int | None = None) -> Attr:
+        """stat. With fh, the open file's own state (fstat)."""
+        if fh is not None and (path is None or fh in self._handles):
+            h = self._handles.get(fh)
+            if h is not None:
+                of, nid = h.of, h.of.node
+                node = self._env.read(lambda t: self._ns.get(t, nid)) if nid is not None \
+                    else None
+                return Attr(Kind.FILE, of.mode, of.size, of.mtime_ns, 0 if of.unlinked else 1,
+                            *self._owner(node, of.attrs))
+        if path is None:
+            raise PathNotFoundError("no path and no open file")
+        txn_id, gen = self._txn_id(), self._gen
+        hit = self._stat_cache.get(path)
+        if hit is not None and hit[0] == txn_id and hit[1] == gen:
+            return hit[2]
+
+        def run(t: LmdbTxn) -> Attr:
+            target = self._resolve(t, path, txn_id)
+            attr = self._attr(t, target)
+            if target.of is None and target.node is not None and attr.kind != Kind.DIR:
+                if len(self._stat_cache) > STAT_CACHE:
+                    self._stat_cache.clear()
+                self._stat_cache[path] = (txn_id, gen, attr)
+            return attr
+        return self._env.read(run)
+
+    def _txn_id(self) -> int:
+        """The last committed transaction (taken before a read, it dates what it finds)."""
+        return int(self._env.env.info()["last_txnid"])
+
+    def _changed(self) -> None:
+        """Open-file state changed without a commit: cached stat results are void."""
+        self._gen += 1
+
+    def _attr(self, txn: LmdbTxn, target: Target) -> Attr:
+        node, of = target.node, target.of
+        if node is None or (of is not None and (of.dirty or of.unlinked)):
+            assert of is not None
+            owner = node if node is not None else None
+            return Attr(Kind.FILE, of.mode, of.size, of.mtime_ns, 0 if of.unlinked else 1,
+                        *self._owner(owner, of.attrs))
+        if node.kind == Kind.DIR:
+            mtime = node.attr_int(b"mtime", self.started_ns if node.id == ROOT else 0)
+            return Attr(Kind.DIR, node.attr_int(b"mode", 0o755), 0, mtime,
+                        2 + self._subdir_count(txn, node.id), *self._owner(node))
+        if node.kind == Kind.SYMLINK:
+            target_bytes = node.attr(b"target") or b""
+            return Attr(Kind.SYMLINK, 0o777, len(target_bytes), node.attr_int(b"mtime"), 1,
+                        *self._owner(node))
+        size = 0
+        heads = node.heads
+        if heads:
+            head = heads[-1] if target.version is None else \
+                next((h for h in heads if h.key == target.version), heads[-1])
+            size = head.size
+        return Attr(Kind.FILE, node.attr_int(b"mode", 0o644), size, node.attr_int(b"mtime"), 1,
+                    *self._owner(node))
+
+    def _owner(self, node: Node | None, attrs: Attrs | None = None) -> tuple[int, int]:
+        uid, gid = self.uid, self.gid
+        if node is not None:
+            uid, gid = node.attr_int(b"uid", uid), node.attr_int(b"gid", gid)
+        if attrs:
+            if attrs.get(b"uid") is not None:
+                uid = int.from_bytes(attrs[b"uid"] or b"", "little", signed=True)
+            if attrs.get(b"gid") is not None:
+                gid = int.from_bytes(attrs[b"gid"] or b"", "little", signed=True)
+        return uid, gid
+
+    def _subdir_count(self, txn: LmdbTxn, nid: NodeId) -> int:
+        """For st_nlink of a directory (2 + subdirectories). Counting scans the directory,
+        and with default_permissions the kernel asks for the attributes of a directory
+        after each entry made in it, so counts are cached: changes made elsewhere show
+        within NLINK_TTL, like every attribute (the kernel caches them as long)."""
+        cached = self._subdirs.get(nid)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        count = sum(1 for _, _, kind in self._ns.children(txn, nid) if kind == Kind.DIR)
+        if len(self._subdirs) > 10_000:
+            self._subdirs.clear()
+        self._subdirs[nid] = (now + NLINK_TTL, count)
+        return count
+
+    def _subdirs_changed(self, parent: NodeId, delta: int) -> None:
+        cached = self._subdirs.get(parent)
+        if cached is not None:
+            self._subdirs[parent] = (cached[0], max(0, cached[1] + delta))
+
+    def readdir(self, path: str | bytes) -> list[tuple[bytes, Kind]]:
+        """The names in a directory as users see them (conflict copies included), with
+        files being created here and not committed yet."""
+        return [(name, kind) for name, kind, _ in self._listing(path, False)]
+
+    def readdir_attrs(self, path: str | bytes) -> list[tuple[bytes, Attr]]:
+        """readdir with each entry's attributes (for READDIRPLUS: the kernel then needs no
+        lookup per entry, which is most of the cost of walking a tree)."""
+        return [(name, attr) for name, _, attr in self._listing(path, True)
+                if attr is not None]
+
+    def _listing(self, path: str | bytes, attrs: bool
+                 ) -> list[tuple[bytes, Kind, Attr | None]]:
+        def run(t: LmdbTxn) -> list[tuple[bytes, Kind, Attr | None]]:
+            target = self._resolve(t, path)
+            if target.node is None or target.node.kind != Kind.DIR:
+                raise NotDirectoryError(f"{os.fsdecode(path)} is not a directory")
+            out: list[tuple[bytes, Kind, Attr | None]] = []
+            for e in self._ns.listing(t, target.node.id):
+                attr = None
+                if attrs:
+                    node = self._ns.get(t, e.node)
+                    if node is None:
+                        continue
+                    attr = self._attr(t, Target(node, self._open.get(e.node), e.version))
+                out.append((e.name, e.kind, attr))
+            names = {n for n, _, _ in out}
+            for n, of in self._pending_children(target.node.id):
+                if n not in names:
+                    out.append((n, Kind.FILE, self._attr(t, Target(None, of))
+                                if attrs else None))
+            return out
+        return self._env.read(run)
+
+    def _set_attrs(self, path: str | bytes, attrs: Attrs,
+                   check: Callable[[Target], None] | None = None) -> None:
+        """Apply attributes to a path. A file with uncommitted writes (or not committed
+        yet, or unlinked) keeps them with its open state, committed with its content (so
+        cp's fchmod/futimens before close cost no commit of their own); otherwise they are
+        committed at once."""
+        target = self._env.read(lambda t: self._resolve(t, path))
+        of = target.of
+        if of is not None:
+            with of.locked():
+                if overlaid(of):
+                    if check is not None:
+                        check(target)
+                    apply_attrs(of, attrs)
+                    self._changed()
+                    return
+
+        def run(t: LmdbTxn) -> Target:
+            target = self._resolve(t, path)
+            if check is not None:
+                check(target)
+            if target.node is None:
+                raise PathNotFoundError(f"{os.fsdecode(path)} is being created: try again")
+            self._ns.set_attrs(t, target.node, attrs)
+            return target
+        target = self._env.write(run)
+        if target.of is not None:
+            apply_attrs(target.of, attrs, keep=False)
+
+    def chmod(self, path: str | bytes, mode: int) -> None:
+        self._set_attrs(path, {b"mode": int_attr(mode & 0o7777)})
+
+    def chown(self, path: str | bytes, uid: int, gid: int) -> None:
+        attrs: Attrs = {}
+        if uid >= 0:
+            attrs[b"uid"] = int_attr(uid)
+        if gid >= 0:
+            attrs[b"gid"] = int_attr(gid)
+        if attrs:
+            self._set_attrs(path, attrs)
+
+    def utimens(self, path: str | bytes, mtime_ns: int | None) -> None:
+        """Set the modification time (None: leave it). Access times are not kept."""
+        if mtime_ns is not None:
+            self._set_attrs(path, {b"mtime": int_attr(mtime_ns)})
+
+    def statfs(self) -> dict[str, int]:
+        """The figures of the file system holding the repo."""
+        s = os.statvfs(self.repo.config.home)
+        return {"f_bsize": s.f_bsize, "f_frsize": s.f_frsize, "f_blocks": s.f_blocks,
+                "f_bfree": s.f_bfree, "f_bavail": s.f_bavail, "f_files": s.f_files,
+                "f_ffree": s.f_ffree, "f_favail": s.f_favail, "f_namemax": 255}
+

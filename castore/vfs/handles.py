@@ -1,0 +1,253 @@
+"""Open files through the drive: create and open (sharing one OpenFile per file on this
+peer), read, write, truncate, and the commit of a new version at close. Part of Vfs. Imports no
+FUSE code.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from castore.errors import (CastoreError, ChunkNotFoundError, ExistsError, InvalidNameError,
+                            IsDirectoryError, PathNotFoundError)
+from castore.files import EMPTY, EMPTY_REF, content_id
+from castore.ids import ChunkId, NodeId
+from castore.ops import Attrs, Kind, int_attr
+from castore.store.lmdb import LmdbTxn
+from castore.vfs.core import VfsCore
+from castore.vfs.openfile import OpenFile
+from castore.vfs.readcache import DeadlineError
+from castore.vfs.types import (KERNEL_VERSIONS, Handle, NotPermittedError, Opened, file_attrs,
+                               head_of)
+
+log = logging.getLogger(__name__)
+FSYNC_TIMEOUT = 60.0            # seconds fsync waits for W copies in a cluster
+
+
+class FileHandleOps(VfsCore):
+    """Vfs's file-handle operations."""
+
+    def close(self) -> None:
+        """Commit what open files still hold, and stop the worker threads."""
+        for of in {id(h.of): h.of for h in list(self._handles.values())}.values():
+            try:
+                self._commit(of)
+            except CastoreError as exc:
+                log.error("could not commit an open file at shutdown: %s", exc)
+            except Exception:  # never lose the rest because one failed
+                log.exception("could not commit an open file at shutdown")
+        self._handles.clear()
+        self._read_pool.shutdown(wait=True, cancel_futures=True)
+        self._write_pool.shutdown(wait=True, cancel_futures=True)
+
+    def create(self, path: str | bytes, mode: int, flags: int = os.O_RDWR) -> Opened:
+        """Create and open a file. It enters the namespace at its first commit. An existing
+        file is opened instead, unless flags has O_EXCL (ExistsError)."""
+        try:
+            with self._registry():
+                parent, name = self._env.read(lambda t: self._parent(t, path))
+                of = OpenFile(self._svc, None, EMPTY, None, EMPTY_REF, mode & 0o7777,
+                              time.time_ns(), parent=parent.id, name=name)
+                self._pending[(parent.id, name)] = of
+                self._changed()
+                return self._new_handle(of, flags)
+        except ExistsError:
+            if flags & os.O_EXCL:
+                raise
+        return self.open(path, flags)
+
+    def _new_handle(self, of: OpenFile, flags: int) -> Opened:
+        fh = next(self._fhs)
+        acc = flags & os.O_ACCMODE
+        self._handles[fh] = Handle(of, acc in (os.O_WRONLY, os.O_RDWR), bool(flags & os.O_APPEND))
+        of.handles += 1
+        return Opened(fh, True)
+
+    def open(self, path: str | bytes, flags: int = os.O_RDONLY) -> Opened:
+        """Open a file at the newest version known here (sharing the open state of a file
+        already open here, unless that one is unchanged and older). Honours O_TRUNC and
+        O_APPEND."""
+        writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        txn_id = self._txn_id()
+        try:
+            opened, of = self._env.read(lambda t: self._open_in(t, path, writable, flags,
+                                                                txn_id))
+        except ChunkNotFoundError:
+            if self.repo.fetch is None:
+                raise
+            node = self._env.read(lambda t: self._resolve(t, path).node)
+            head = node.heads[-1] if node is not None and node.heads else None
+            if head is None:
+                raise
+            self.repo.fetch([ChunkId(bytes(head.manifest[-32:]))])
+            opened, of = self._env.read(lambda t: self._open_in(t, path, writable, flags))
+        if flags & os.O_TRUNC and writable:
+            self._changed()
+            try:
+                of.truncate(0)
+            except BaseException:
+                self.release(opened.fh)
+                raise
+        return opened
+
+    def _open_in(self, txn: LmdbTxn, path: str | bytes, writable: bool, flags: int,
+                 txn_id: int = 0) -> tuple[Opened, OpenFile]:
+        target = self._resolve(txn, path, txn_id)
+        node = target.node
+        if node is not None and node.kind == Kind.DIR:
+            raise IsDirectoryError(f"{os.fsdecode(path)} is a directory")
+        if node is not None and node.kind == Kind.SYMLINK:
+            raise InvalidNameError(f"{os.fsdecode(path)} is a symlink")
+        if target.version is not None and writable:
+            raise NotPermittedError(f"{os.fsdecode(path)} is a conflict copy: copy or rename "
+                                    "it to edit it")
+        with self._registry():
+            of = target.of if target.version is None else None
+            if node is not None and target.version is None:
+                of = self._open.get(node.id)        # may have changed since the lookup
+            head = head_of(node, target.version)
+            head_key = head.key if head is not None else None
+            if of is None or (not of.dirty and of.node is not None and
+                              of.base_key != head_key):
+                assert node is not None
+                manifest = EMPTY if head is None else \
+                    self._files.manifest_for(txn, head.manifest, head.size)
+                of = OpenFile(self._svc, node.id, manifest, head_key,
+                              bytes(head.manifest) if head is not None else EMPTY_REF,
+                              node.attr_int(b"mode", 0o644), node.attr_int(b"mtime"))
+                if target.version is None:
+                    self._open[node.id] = of
+            opened = self._new_handle(of, flags)
+            keep = True
+            if of.node is not None and not of.dirty:
+                keep = self._kernel.get(of.node) == of.base_key
+                self._remember(of.node, of.base_key)
+            return Opened(opened.fh, keep), of
+
+    def _remember(self, nid: NodeId, key: bytes | None) -> None:
+        self._kernel[nid] = key
+        self._kernel.move_to_end(nid)
+        while len(self._kernel) > KERNEL_VERSIONS:
+            self._kernel.popitem(last=False)
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        buf = bytearray(size)
+        n = self.read_into(fh, offset, memoryview(buf))
+        return bytes(buf[:n])
+
+    def read_into(self, fh: int, offset: int, dest: memoryview) -> int:
+        """Fill dest from offset; returns the byte count (less only at the end of file)."""
+        return self._handle(fh).of.read_into(offset, dest)
+
+    def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        """Write through an open handle; data is only read during the call."""
+        h = self._handle(fh)
+        self._changed()
+        return h.of.write(None if h.append else offset, data)
+
+    def truncate(self, path: str | bytes | None, length: int, fh: int | None = None) -> None:
+        if length < 0:
+            raise InvalidNameError("a negative length")
+        self._changed()
+        if fh is not None and fh in self._handles:
+            self._handles[fh].of.truncate(length)
+            return
+        if path is None:
+            raise PathNotFoundError("no path and no open file")
+        opened = self.open(path, os.O_WRONLY)
+        try:
+            self._handles[opened.fh].of.truncate(length)
+            self.flush(opened.fh)
+        finally:
+            self.release(opened.fh)
+
+    def flush(self, fh: int) -> None:
+        """close() of a descriptor: commit what was written (durable on return)."""
+        self._commit(self._handle(fh).of)
+
+    def fsync(self, fh: int) -> None:
+        """Commit, and in a cluster also wait until the content is on W peers (DESIGN.md
+        section 5); DeadlineError if that is not confirmed within FSYNC_TIMEOUT."""
+        of = self._handle(fh).of
+        self._commit(of)
+        if self.repo.durability is not None and of.size and not of.unlinked:
+            ok, w, copies = self.repo.wait_durable([content_id(of.base_ref)], FSYNC_TIMEOUT)
+            if not ok:
+                raise DeadlineError(f"fsync: the content is on {copies} of the {w} peers it "
+                                    f"needs after {FSYNC_TIMEOUT:.0f} s")
+
+    def release(self, fh: int) -> None:
+        """The last close of a descriptor: commit anything left, drop the state when no
+        descriptor uses it any more."""
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        of = h.of
+        try:
+            if of.handles <= 1:
+                self._commit(of)
+        finally:
+            with self._registry():
+                of.handles -= 1
+                last = of.handles <= 0
+                if last:
+                    if of.node is not None and self._open.get(of.node) is of:
+                        del self._open[of.node]
+                    if of.parent is not None and self._pending.get((of.parent, of.name)) is of:
+                        del self._pending[(of.parent, of.name)]
+            if last:
+                of.close()
+
+    def _commit(self, of: OpenFile, force: bool = False) -> None:
+        with of.locked():
+            if of.unlinked:         # nothing to commit; its last release drops the writes
+                return
+            if not of.dirty and not force:
+                return
+            built = of.build()
+            mtime = of.mtime_ns
+            attrs = dict(of.attrs)
+
+            def run(t: LmdbTxn) -> tuple[NodeId, bytes, bytes]:
+                for p in built.prepared:
+                    self._store.put_encoded_in(t, p.cid, p.raw_len, p.codec, p.stored)
+                ref = self._files.put_content_in(t, built.manifest)
+                size = built.manifest.size
+                if of.node is None:
+                    assert of.parent is not None
+                    return self._commit_new(t, of, ref, size, mtime)
+                node = self._ns.get(t, of.node)
+                if node is None:
+                    raise PathNotFoundError("the file was removed while it was open")
+                parents = (of.base_key,) if of.base_key else None
+                key = self._ns.set_content(t, node, ref, size,
+                                           {**attrs, b"mtime": int_attr(mtime)}, parents)
+                return node.id, key, ref
+            nid, key, ref = self._env.write(run)
+            was_pending = of.node is None
+            of.committed(built.manifest, key, ref, nid)
+        with self._registry():
+            if was_pending:
+                if self._pending.get((of.parent, of.name)) is of:  # type: ignore[arg-type]
+                    del self._pending[(of.parent, of.name)]  # type: ignore[arg-type]
+                self._open.setdefault(nid, of)
+            self._remember(nid, key)
+
+    def _commit_new(self, t: LmdbTxn, of: OpenFile, ref: bytes, size: int, mtime: int
+                    ) -> tuple[NodeId, bytes, bytes]:
+        parent = self._ns.get(t, of.parent)  # type: ignore[arg-type]
+        if parent is None or parent.kind != Kind.DIR:
+            raise PathNotFoundError("the directory of a new file went away")
+        attrs: Attrs = {**of.attrs, **file_attrs(of.mode, mtime)}
+        existing = self._ns.lookup(t, parent.id, of.name)
+        if existing is not None:            # made meanwhile elsewhere: a new version of it
+            node = self._ns.get(t, existing)
+            if node is None or node.kind != Kind.FILE:
+                raise ExistsError(f"{os.fsdecode(of.name)} was created meanwhile by another "
+                                  "peer")
+            key = self._ns.set_content(t, node, ref, size, attrs)
+            return node.id, key, ref
+        node = self._ns.create(t, parent, of.name, Kind.FILE, attrs, ref, size,
+                               known_absent=True)
+        assert node.head is not None
+        return node.id, node.head.key, ref

@@ -1,0 +1,48 @@
+"""Chunks for open files, from the repo's store: each verified on its first read (BLAKE3);
+uncompressed ones are then copied straight out of the store's map on every read.
+Imports no FUSE code.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from castore import codec
+from castore.ids import ChunkId
+from castore.store.lmdb import LmdbStore, LmdbTxn
+from castore.store.memory import verify
+from castore.store.readahead import Readahead
+
+
+class StoreSource:
+    """The ChunkSource of open files: chunks from the repo's store, each verified on its
+    first read (BLAKE3), uncompressed ones copied straight out of the store's map."""
+
+    def __init__(self, store: LmdbStore,
+                 read: Callable[[Callable[[LmdbTxn], object], ChunkId], object]) -> None:
+        self._store = store
+        self._read = read          # runs a read txn (in cluster mode fetching a missing chunk)
+
+    def probe(self, cid: ChunkId, readahead: object) -> bytes | None:
+        ra = readahead if isinstance(readahead, Readahead) else None
+
+        def run(t: LmdbTxn) -> bytes | None:
+            tag, raw_len, view = self._store.view_in(t, cid, ra)
+            if tag == codec.RAW:
+                verify(cid, view)
+                return None
+            data = codec.decode(tag, view, raw_len)
+            verify(cid, data)
+            return bytes(data)
+        return self._read(run, cid)  # type: ignore[return-value]
+
+    def copy(self, cid: ChunkId, offset: int, dest: memoryview, readahead: object
+             ) -> int | None:
+        ra = readahead if isinstance(readahead, Readahead) else None
+
+        def run(t: LmdbTxn) -> int | None:
+            tag, raw_len, view = self._store.view_in(t, cid, ra)
+            if tag != codec.RAW:
+                return None
+            n = max(0, min(len(dest), raw_len - offset))
+            dest[:n] = view[offset:offset + n]
+            return n
+        return self._read(run, cid)  # type: ignore[return-value]
