@@ -302,13 +302,7 @@ class LmdbStore:
     def get_in(self, txn: LmdbTxn, cid: ChunkId, readahead: Readahead | None = None) -> bytes:
         """The chunk's verified bytes. A sequential reader passes its Readahead so the next
         chunks are already on their way from disk."""
-        meta = txn.get("chunkmeta", cid.digest)
-        stored = txn.get("chunks", cid.digest)
-        if meta is None or stored is None:
-            raise ChunkNotFoundError(f"no chunk {cid} in the local store")
-        if readahead is not None:
-            readahead.after(stored)
-        raw_len, tag = _META.unpack(meta)
+        tag, raw_len, stored = self.view_in(txn, cid, readahead)
         data = codec.decode(tag, stored, raw_len)
         verify(cid, data)
         return bytes(data)
