@@ -12,31 +12,23 @@ from blake3 import blake3
 _PARALLEL_FROM = 1 << 20   # multi-threaded BLAKE3 pays off only from ~1 MiB buffers
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ChunkId:
-    """BLAKE3-256 digest of a chunk's (uncompressed) bytes: the only way chunks are named.
+class _Digest:
+    """What ChunkId and PeerId share: 32 bytes, hex for humans, a short form for logs."""
 
-    Manifests are named the same way, by the digest of their encoding.
-    """
-
+    __slots__ = ()
     digest: bytes
+    _noun = "id"
 
     def __post_init__(self) -> None:
         if len(self.digest) != 32:
-            raise ValueError(f"ChunkId needs 32 bytes, got {len(self.digest)}")
+            raise ValueError(f"{type(self).__name__} needs 32 bytes, got {len(self.digest)}")
 
     @classmethod
-    def of(cls, data: bytes | bytearray | memoryview) -> ChunkId:
-        if len(data) >= _PARALLEL_FROM:
-            return cls(blake3(data, max_threads=blake3.AUTO).digest())
-        return cls(blake3(data).digest())
-
-    @classmethod
-    def from_hex(cls, text: str) -> ChunkId:
+    def from_hex(cls, text: str):  # type: ignore[no-untyped-def]
         """Parse 64 hex digits; raises ValueError on anything else."""
         if len(text) != 64:
-            raise ValueError(f"a content id is 64 hex digits, got {len(text)} characters")
-        return cls(bytes.fromhex(text))
+            raise ValueError(f"a {cls._noun} is 64 hex digits, got {len(text)} characters")
+        return cls(bytes.fromhex(text))  # type: ignore[call-arg]
 
     def __hash__(self) -> int:
         return hash(self.digest)
@@ -53,7 +45,27 @@ class ChunkId:
         return self.digest.hex()
 
     def __repr__(self) -> str:
-        return f"ChunkId({self.short})"
+        return f"{type(self).__name__}({self.short})"
+
+
+@dataclass(frozen=True, slots=True, order=True, repr=False)
+class ChunkId(_Digest):
+    """BLAKE3-256 digest of a chunk's (uncompressed) bytes: the only way chunks are named.
+
+    Manifests are named the same way, by the digest of their encoding.
+    """
+
+    digest: bytes
+
+    _noun = 'content id'
+    __hash__ = _Digest.__hash__     # keep the cheap hash (dataclass would make its own)
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview) -> ChunkId:
+        if len(data) >= _PARALLEL_FROM:
+            return cls(blake3(data, max_threads=blake3.AUTO).digest())
+        return cls(blake3(data).digest())
+
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -85,41 +97,17 @@ ROOT = NodeId(b"\x00" * 16)
 TRASH = NodeId(b"\x00" * 15 + b"\x01")
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class PeerId:
+@dataclass(frozen=True, slots=True, order=True, repr=False)
+class PeerId(_Digest):
     """A peer: BLAKE3-256 of its certificate's DER bytes (Syncthing-style), so an id cannot be
     claimed without the key. Ordered by digest; placement breaks exact score ties by it."""
 
     digest: bytes
 
-    def __post_init__(self) -> None:
-        if len(self.digest) != 32:
-            raise ValueError(f"PeerId needs 32 bytes, got {len(self.digest)}")
+    _noun = 'peer id'
+    __hash__ = _Digest.__hash__     # keep the cheap hash (dataclass would make its own)
 
     @classmethod
     def of(cls, certificate_der: bytes) -> PeerId:
         return cls(blake3(certificate_der).digest())
 
-    @classmethod
-    def from_hex(cls, text: str) -> PeerId:
-        """Parse 64 hex digits; raises ValueError on anything else."""
-        if len(text) != 64:
-            raise ValueError(f"a peer id is 64 hex digits, got {len(text)} characters")
-        return cls(bytes.fromhex(text))
-
-    def __hash__(self) -> int:
-        return hash(self.digest)
-
-    @property
-    def hex(self) -> str:
-        return self.digest.hex()
-
-    @property
-    def short(self) -> str:
-        return self.digest.hex()[:10]
-
-    def __str__(self) -> str:
-        return self.digest.hex()
-
-    def __repr__(self) -> str:
-        return f"PeerId({self.short})"
