@@ -41,6 +41,10 @@ class Config:
         return self.home / "store"
 
     @property
+    def journal_path(self) -> Path:
+        return self.home / "close.journal"
+
+    @property
     def socket_path(self) -> Path:
         return self.home / "castore.sock"
 

@@ -75,6 +75,11 @@ def int_attr(v: int) -> bytes:
 Attrs = dict[bytes, "bytes | None"]     # None removes the attribute
 
 
+def file_attrs(mode: int, mtime_ns: int) -> Attrs:
+    """The attributes a new file or directory starts with."""
+    return {b"mode": int_attr(mode & 0o7777), b"mtime": int_attr(mtime_ns)}
+
+
 def encode_attrs(attrs: Attrs) -> bytes:
     parts = [_U16.pack(len(attrs))]
     for k, v in attrs.items():

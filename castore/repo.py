@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from castore import chunking
+from castore import chunking, journal
 from castore.config import Config
 from castore.errors import (CastoreError, ChunkNotFoundError, ExistsError, IntegrityError,
                             IsDirectoryError, NotDirectoryError, RepoError,
                             StorageFullError, UsageError)
 from castore.files import EMPTY, ChunkPipeline, Files, Manifest, Prepared, content_id, prepare
 from castore.hlc import HybridClock
+from castore.journal import Intent, Journal
 from castore.ids import ROOT, TRASH, ChunkId, NodeId
 from castore.namespace import CONFLICT_TAG, Namespace
 from castore.ops import Kind, Node, Op, check_name, int_attr, key_ts, split_path
@@ -117,6 +118,9 @@ class Repo:
         # ChunkNotFoundError; and wait until content is on W peers
         self.fetch: Callable[[list[ChunkId]], None] | None = None
         self.durability: Callable[[list[str], float], tuple[bool, int, int]] | None = None
+        self._journal: Journal | None = None
+        if config.journal_path.exists():
+            self._replay_journal()
 
     def _last_ts(self, txn: LmdbTxn) -> int:
         for k, _ in txn.scan("ops", reverse=True):
@@ -148,7 +152,41 @@ class Repo:
         if not self._closed:
             self._closed = True
             self.pool.shutdown(wait=True)
+            if self._journal is not None:
+                self._journal.close()
             self.env.close()
+
+    def close_journal(self) -> Journal:
+        """The journal of files closed on the drive and not committed yet (castore.journal)."""
+        if self._journal is None:
+            self._journal = Journal(self.config.journal_path)
+        return self._journal
+
+    def _replay_journal(self) -> None:
+        """Commit the closes a killed process left in the journal, then empty it."""
+        jnl = self.close_journal()
+        if jnl.empty:
+            return
+        gen, done = self.env.read(journal.applied)
+        count = 0
+        for end, intent in jnl.records():
+            if gen == jnl.generation and end <= done:
+                continue
+
+            def run(t: LmdbTxn, intent: Intent = intent, end: int = end) -> None:
+                journal.apply(t, self.ns, self.files, self.store, intent)
+                journal.mark_applied(t, jnl.generation, end)
+            try:
+                self.env.write(run)
+                count += 1
+            except StorageFullError:
+                raise
+            except CastoreError as exc:
+                log.warning("a file closed before the last stop could not be committed: %s",
+                            exc)
+        if count:
+            log.info("committed %d closed file(s) from the close journal", count)
+        jnl.reset()
 
     def __enter__(self) -> Repo:
         return self

@@ -77,6 +77,30 @@ def test_sigkill_then_restart_over_the_stale_mount(tmp_path: Path) -> None:
         d.stop()
 
 
+def test_every_returned_close_survives_sigkill(tmp_path: Path) -> None:
+    """close() returns once the file is in the close journal; the group commit follows.
+    SIGKILL right after many closes: the restarted daemon has every one of them."""
+    d = Drive(tmp_path).start()
+    files = {f"f{i:04d}": os.urandom(64 + i) for i in range(1500)}
+    try:
+        d.path("many").mkdir()
+        for name, data in files.items():
+            with open(d.path("many", name), "wb") as f:
+                f.write(data)
+        d.kill()
+    finally:
+        d.stop()
+    d2 = Drive(tmp_path).start()
+    try:
+        assert sorted(os.listdir(d2.path("many"))) == sorted(files)
+        for name, data in files.items():
+            assert d2.path("many", name).read_bytes() == data, name
+        out = castore("ls", "--json", "/many", home=d2.home)
+        assert len(json.loads(out.stdout)) == len(files)
+    finally:
+        d2.stop()
+
+
 def test_corrupted_chunk_reads_as_eio(tmp_path: Path) -> None:
     data = os.urandom(200_000)                 # one chunk, stored as is (incompressible)
     with drive(tmp_path) as d:

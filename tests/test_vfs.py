@@ -46,6 +46,7 @@ def _write(v: Vfs, path: str, data: bytes) -> None:
         v.write(h.fh, i, data[i:i + (1 << 20)])
     v.flush(h.fh)
     v.release(h.fh)
+    v.settle()                      # committed: the repo (another view) shows it too
 
 
 def test_create_is_committed_on_close_with_its_content(vfs: Vfs, repo: Repo) -> None:
@@ -56,6 +57,7 @@ def test_create_is_committed_on_close_with_its_content(vfs: Vfs, repo: Repo) -> 
         repo.stat("/a")                                         # not in the namespace yet
     vfs.flush(h.fh)
     vfs.release(h.fh)
+    vfs.settle()                                                # the group commit landed
     entry = repo.stat("/a")
     assert (entry.size, entry.mode, entry.versions) == (5, 0o640, 1)
     assert b"".join(repo.read("/a")) == b"hello"
@@ -120,6 +122,7 @@ def test_appends_are_chunked_while_written_exactly_as_whole_file(vfs: Vfs, repo:
     assert of.stream is not None
     vfs.flush(h.fh)
     vfs.release(h.fh)
+    vfs.settle()
     want = [len(c) for c in chunking.split(data)]
     assert list(repo.manifest_of("/big").lengths) == want
     assert _read_all(vfs, "/big") == data
@@ -133,6 +136,7 @@ def test_a_small_edit_of_a_big_file_reuses_its_chunks(vfs: Vfs, repo: Repo) -> N
     vfs.write(h.fh, 8 << 20, b"changed")
     vfs.flush(h.fh)
     vfs.release(h.fh)
+    vfs.settle()
     data[8 << 20:(8 << 20) + 7] = b"changed"
     after = repo.manifest_of("/big")
     assert _read_all(vfs, "/big") == data
@@ -210,6 +214,7 @@ def test_attributes_before_close_ride_with_the_commit(vfs: Vfs, repo: Repo) -> N
     ops_before = sum(repo.version_vector().values())
     vfs.flush(h.fh)
     vfs.release(h.fh)
+    vfs.settle()
     assert sum(repo.version_vector().values()) == ops_before + 1     # one op for it all
     e = repo.stat("/x")
     assert (e.mode, e.mtime_ns, e.xattrs) == (0o755, 1_234_567_890_123_456_789,

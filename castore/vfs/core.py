@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from castore.errors import (ChunkNotFoundError, ExistsError, InvalidNameError,
+from castore.errors import (CastoreError, ChunkNotFoundError, ExistsError, InvalidNameError,
                             NotDirectoryError, PathNotFoundError)
 from castore.files import ChunkPipeline
 from castore.ids import ROOT, ChunkId, NodeId
@@ -25,6 +25,7 @@ from castore.ops import Attrs, Kind, Node, int_attr, split_path
 from castore.repo import Repo
 from castore.store.lmdb import LmdbTxn
 from castore.store.readahead import Readahead
+from castore.vfs.committer import Closing, Committer
 from castore.vfs.openfile import FileServices, OpenFile
 from castore.vfs.readcache import Budget, DeadlineError
 from castore.vfs.source import StoreSource
@@ -72,8 +73,35 @@ class VfsCore:
         self._stat_cache: dict[str | bytes, tuple[int, int, Attr]] = {}
         self._resolved: dict[str | bytes, tuple[int, Node, bytes | None]] = {}
         self._gen = 0
+        self._committer = Committer(repo, self._landed)
 
     # -- plumbing -------------------------------------------------------------------------
+    def _landed(self, closing: Closing) -> None:
+        raise NotImplementedError                    # FileHandleOps
+
+    def _stable(self, fn: Callable[[], T]) -> T:
+        """fn() (a read of the store and of the open files together), run again when a
+        group of closes landed meanwhile: its store snapshot may predate that commit while
+        the open files already show it done."""
+        for _ in range(20):
+            e0 = self._committer.quiet_epoch()
+            try:
+                out = fn()
+            except CastoreError:
+                if self._committer.epoch == e0:
+                    raise
+                continue
+            if self._committer.epoch == e0:
+                return out
+        self.settle()
+        return fn()
+
+    def settle(self, timeout: float = 60.0) -> None:
+        """Wait until every close is committed: before changes to the tree, which must see
+        the files closed before them."""
+        if self._committer.busy and not self._committer.drain(timeout):
+            raise DeadlineError("closed files were not committed in time")
+
     @contextmanager
     def _registry(self) -> Iterator[None]:
         if not self._mutex.acquire(timeout=REGISTRY_TIMEOUT):
@@ -185,6 +213,9 @@ class VfsCore:
                             *self._owner(node, of.attrs))
         if path is None:
             raise PathNotFoundError("no path and no open file")
+        return self._stable(lambda: self._getattr_path(path))
+
+    def _getattr_path(self, path: str | bytes) -> Attr:
         txn_id, gen = self._txn_id(), self._gen
         hit = self._stat_cache.get(path)
         if hit is not None and hit[0] == txn_id and hit[1] == gen:
@@ -276,6 +307,8 @@ class VfsCore:
 
     def _listing(self, path: str | bytes, attrs: bool
                  ) -> list[tuple[bytes, Kind, Attr | None]]:
+        self.settle()           # a listing shows what closes before it did (conflict copies)
+
         def run(t: LmdbTxn) -> list[tuple[bytes, Kind, Attr | None]]:
             target = self._resolve(t, path)
             if target.node is None or target.node.kind != Kind.DIR:
@@ -295,7 +328,7 @@ class VfsCore:
                     out.append((n, Kind.FILE, self._attr(t, Target(None, of))
                                 if attrs else None))
             return out
-        return self._env.read(run)
+        return self._stable(lambda: self._env.read(run))
 
     def _set_attrs(self, path: str | bytes, attrs: Attrs,
                    check: Callable[[Target], None] | None = None) -> None:
@@ -303,10 +336,10 @@ class VfsCore:
         yet, or unlinked) keeps them with its open state, committed with its content (so
         cp's fchmod/futimens before close cost no commit of their own); otherwise they are
         committed at once."""
-        target = self._env.read(lambda t: self._resolve(t, path))
+        target = self._stable(lambda: self._env.read(lambda t: self._resolve(t, path)))
         of = target.of
         if of is not None:
-            with of.locked():
+            with of.settled():
                 if overlaid(of):
                     if check is not None:
                         check(target)

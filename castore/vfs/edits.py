@@ -10,11 +10,11 @@ from castore.errors import (ExistsError, InvalidNameError, IsDirectoryError, Not
                             NotEmptyError, PathNotFoundError)
 from castore.files import EMPTY_REF
 from castore.ids import ROOT, NodeId
-from castore.ops import Kind, split_path
+from castore.ops import Kind, file_attrs, split_path
 from castore.store.lmdb import LmdbTxn
 from castore.vfs.handles import FileHandleOps
 from castore.vfs.openfile import OpenFile
-from castore.vfs.types import HIDDEN, RENAME_NOREPLACE, NotPermittedError, Target, file_attrs
+from castore.vfs.types import HIDDEN, RENAME_NOREPLACE, NotPermittedError, Target
 
 
 class NamespaceEdits(FileHandleOps):
@@ -63,6 +63,8 @@ class NamespaceEdits(FileHandleOps):
         self._env.write(run)
 
     def rmdir(self, path: str | bytes) -> None:
+        self.settle()
+
         def run(t: LmdbTxn) -> NodeId | None:
             node = self._resolve(t, path).node
             if node is None or node.kind != Kind.DIR:
@@ -82,6 +84,7 @@ class NamespaceEdits(FileHandleOps):
             with self._registry():
                 if self._hidden.pop(parts[-1], None) is not None:
                     return                      # libfuse dropping a hidden name: alias only
+        self.settle()
 
         def run(t: LmdbTxn) -> Target:
             target = self._resolve(t, path)
@@ -118,6 +121,7 @@ class NamespaceEdits(FileHandleOps):
         dst_parts = split_path(dst)
         if not dst_parts:
             raise InvalidNameError("cannot rename over /")
+        self.settle()
         if HIDDEN.match(dst_parts[-1]) and self._hide(src, dst_parts[-1]):
             return
         pending = self._env.read(lambda t: self._resolve(t, src))

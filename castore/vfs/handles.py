@@ -12,16 +12,23 @@ from castore.errors import (CastoreError, ChunkNotFoundError, ExistsError, Inval
                             IsDirectoryError, PathNotFoundError)
 from castore.files import EMPTY, EMPTY_REF, content_id
 from castore.ids import ChunkId, NodeId
-from castore.ops import Attrs, Kind, int_attr
+from castore import journal
+from castore.journal import Intent
+from castore.ops import Kind
 from castore.store.lmdb import LmdbTxn
+from castore.vfs.committer import Closing
 from castore.vfs.core import VfsCore
 from castore.vfs.openfile import OpenFile
 from castore.vfs.readcache import DeadlineError
-from castore.vfs.types import (KERNEL_VERSIONS, Handle, NotPermittedError, Opened, file_attrs,
+from castore.vfs.types import (KERNEL_VERSIONS, Handle, NotPermittedError, Opened,
                                head_of)
 
 log = logging.getLogger(__name__)
 FSYNC_TIMEOUT = 60.0            # seconds fsync waits for W copies in a cluster
+
+
+class _Landed(Exception):
+    """A group of closes landed while an open looked: look again."""
 
 
 class FileHandleOps(VfsCore):
@@ -29,6 +36,7 @@ class FileHandleOps(VfsCore):
 
     def close(self) -> None:
         """Commit what open files still hold, and stop the worker threads."""
+        self._committer.close()
         for of in {id(h.of): h.of for h in list(self._handles.values())}.values():
             try:
                 self._commit(of)
@@ -68,10 +76,8 @@ class FileHandleOps(VfsCore):
         already open here, unless that one is unchanged and older). Honours O_TRUNC and
         O_APPEND."""
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
-        txn_id = self._txn_id()
         try:
-            opened, of = self._env.read(lambda t: self._open_in(t, path, writable, flags,
-                                                                txn_id))
+            opened, of = self._open_stable(path, writable, flags)
         except ChunkNotFoundError:
             if self.repo.fetch is None:
                 raise
@@ -80,7 +86,7 @@ class FileHandleOps(VfsCore):
             if head is None:
                 raise
             self.repo.fetch([ChunkId(bytes(head.manifest[-32:]))])
-            opened, of = self._env.read(lambda t: self._open_in(t, path, writable, flags))
+            opened, of = self._open_stable(path, writable, flags)
         if flags & os.O_TRUNC and writable:
             self._changed()
             try:
@@ -90,8 +96,26 @@ class FileHandleOps(VfsCore):
                 raise
         return opened
 
+    def _open_stable(self, path: str | bytes, writable: bool, flags: int
+                     ) -> tuple[Opened, OpenFile]:
+        """_open_in, again when a group of closes landed between its snapshot of the store
+        and its look at the open files (see _stable)."""
+        for _ in range(20):
+            epoch = self._committer.quiet_epoch()
+            txn_id = self._txn_id()
+            try:
+                return self._env.read(lambda t: self._open_in(t, path, writable, flags,
+                                                              txn_id, epoch))
+            except _Landed:
+                continue
+            except CastoreError:
+                if self._committer.epoch == epoch:
+                    raise
+        self.settle()
+        return self._env.read(lambda t: self._open_in(t, path, writable, flags))
+
     def _open_in(self, txn: LmdbTxn, path: str | bytes, writable: bool, flags: int,
-                 txn_id: int = 0) -> tuple[Opened, OpenFile]:
+                 txn_id: int = 0, epoch: int | None = None) -> tuple[Opened, OpenFile]:
         target = self._resolve(txn, path, txn_id)
         node = target.node
         if node is not None and node.kind == Kind.DIR:
@@ -102,6 +126,8 @@ class FileHandleOps(VfsCore):
             raise NotPermittedError(f"{os.fsdecode(path)} is a conflict copy: copy or rename "
                                     "it to edit it")
         with self._registry():
+            if epoch is not None and self._committer.epoch != epoch:
+                raise _Landed
             of = target.of if target.version is None else None
             if node is not None and target.version is None:
                 of = self._open.get(node.id)        # may have changed since the lookup
@@ -162,12 +188,13 @@ class FileHandleOps(VfsCore):
             self.release(opened.fh)
 
     def flush(self, fh: int) -> None:
-        """close() of a descriptor: commit what was written (durable on return)."""
-        self._commit(self._handle(fh).of)
+        """close() of a descriptor: what was written is in the close journal on return (it
+        survives the daemon being killed) and committed with the next group."""
+        self._commit(self._handle(fh).of, wait=False)
 
     def fsync(self, fh: int) -> None:
-        """Commit, and in a cluster also wait until the content is on W peers (DESIGN.md
-        section 5); DeadlineError if that is not confirmed within FSYNC_TIMEOUT."""
+        """Commit durably, and in a cluster also wait until the content is on W peers
+        (DESIGN.md section 5); DeadlineError if that is not confirmed within FSYNC_TIMEOUT."""
         of = self._handle(fh).of
         self._commit(of)
         if self.repo.durability is not None and of.size and not of.unlinked:
@@ -178,54 +205,65 @@ class FileHandleOps(VfsCore):
 
     def release(self, fh: int) -> None:
         """The last close of a descriptor: commit anything left, drop the state when no
-        descriptor uses it any more."""
+        descriptor uses it any more (or, for a close still on its way to the store, when
+        its commit lands)."""
         h = self._handles.pop(fh, None)
         if h is None:
             return
         of = h.of
         try:
             if of.handles <= 1:
-                self._commit(of)
+                self._commit(of, wait=False)
         finally:
             with self._registry():
                 of.handles -= 1
-                last = of.handles <= 0
+                last = of.handles <= 0 and of.inflight is None
                 if last:
-                    if of.node is not None and self._open.get(of.node) is of:
-                        del self._open[of.node]
-                    if of.parent is not None and self._pending.get((of.parent, of.name)) is of:
-                        del self._pending[(of.parent, of.name)]
+                    self._unregister(of)
             if last:
                 of.close()
 
-    def _commit(self, of: OpenFile, force: bool = False) -> None:
-        with of.locked():
+    def _unregister(self, of: OpenFile) -> None:
+        """Registry held."""
+        if of.node is not None and self._open.get(of.node) is of:
+            del self._open[of.node]
+        if of.parent is not None and self._pending.get((of.parent, of.name)) is of:
+            del self._pending[(of.parent, of.name)]
+
+    def _commit(self, of: OpenFile, force: bool = False, wait: bool = True) -> None:
+        """Commit what of holds. wait=False: journal it and commit it with the next group
+        (of stays registered and serves its content until then); wait=True: durable on
+        return."""
+        pending = of.inflight
+        if pending is not None:
+            if not wait:
+                return                      # unchanged since that close (writes wait for it)
+            if not pending.wait(FSYNC_TIMEOUT):
+                raise DeadlineError("a closed file was not committed in time")
+        with of.settled():
             if of.unlinked:         # nothing to commit; its last release drops the writes
                 return
             if not of.dirty and not force:
                 return
             built = of.build()
-            mtime = of.mtime_ns
-            attrs = dict(of.attrs)
-
-            def run(t: LmdbTxn) -> tuple[NodeId, bytes, bytes]:
-                for p in built.prepared:
-                    self._store.put_encoded_in(t, p.cid, p.raw_len, p.codec, p.stored)
-                ref = self._files.put_content_in(t, built.manifest)
-                size = built.manifest.size
-                if of.node is None:
-                    assert of.parent is not None
-                    return self._commit_new(t, of, ref, size, mtime)
-                node = self._ns.get(t, of.node)
-                if node is None:
-                    raise PathNotFoundError("the file was removed while it was open")
-                parents = (of.base_key,) if of.base_key else None
-                key = self._ns.set_content(t, node, ref, size,
-                                           {**attrs, b"mtime": int_attr(mtime)}, parents)
-                return node.id, key, ref
-            nid, key, ref = self._env.write(run)
+            intent = Intent(built.manifest, built.prepared, of.node, of.parent, of.name,
+                            of.base_key, of.mode, of.mtime_ns, dict(of.attrs))
+            if not wait:
+                try:
+                    closing = self._committer.submit(intent, of)
+                except CastoreError as exc:     # e.g. disk full: commit now, and say so
+                    log.info("committing a closed file directly: %s", exc)
+                else:
+                    of.inflight = closing.done
+                    self._changed()
+                    return
+            nid, key, ref = self._env.write(
+                lambda t: journal.apply(t, self._ns, self._files, self._store, intent))
             was_pending = of.node is None
             of.committed(built.manifest, key, ref, nid)
+        self._registered(of, was_pending, nid, key)
+
+    def _registered(self, of: OpenFile, was_pending: bool, nid: NodeId, key: bytes) -> None:
         with self._registry():
             if was_pending:
                 if self._pending.get((of.parent, of.name)) is of:  # type: ignore[arg-type]
@@ -233,21 +271,22 @@ class FileHandleOps(VfsCore):
                 self._open.setdefault(nid, of)
             self._remember(nid, key)
 
-    def _commit_new(self, t: LmdbTxn, of: OpenFile, ref: bytes, size: int, mtime: int
-                    ) -> tuple[NodeId, bytes, bytes]:
-        parent = self._ns.get(t, of.parent)  # type: ignore[arg-type]
-        if parent is None or parent.kind != Kind.DIR:
-            raise PathNotFoundError("the directory of a new file went away")
-        attrs: Attrs = {**of.attrs, **file_attrs(of.mode, mtime)}
-        existing = self._ns.lookup(t, parent.id, of.name)
-        if existing is not None:            # made meanwhile elsewhere: a new version of it
-            node = self._ns.get(t, existing)
-            if node is None or node.kind != Kind.FILE:
-                raise ExistsError(f"{os.fsdecode(of.name)} was created meanwhile by another "
-                                  "peer")
-            key = self._ns.set_content(t, node, ref, size, attrs)
-            return node.id, key, ref
-        node = self._ns.create(t, parent, of.name, Kind.FILE, attrs, ref, size,
-                               known_absent=True)
-        assert node.head is not None
-        return node.id, node.head.key, ref
+    def _landed(self, closing: Closing) -> None:
+        """The committer's callback: a close reached the store (or could not)."""
+        of = closing.owner
+        assert isinstance(of, OpenFile)
+        with of.locked():
+            was_pending = of.node is None
+            if closing.result is not None:
+                nid, key, ref = closing.result
+                of.committed(closing.intent.manifest, key, ref, nid)
+            of.inflight = None
+        if closing.result is not None:
+            self._registered(of, was_pending, closing.result[0], closing.result[1])
+        self._changed()
+        with self._registry():
+            last = of.handles <= 0
+            if last:
+                self._unregister(of)
+        if last:
+            of.close()

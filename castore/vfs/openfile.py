@@ -78,6 +78,9 @@ class OpenFile:
         self._set_base(base, base_key, base_ref)
         self.size = base.size
         self.dirty = node is None           # a new file is committed even if never written
+        # set while a close of this file waits for its group commit (castore.vfs.committer):
+        # its content is fixed until then, so writes wait for it
+        self.inflight: threading.Event | None = None
 
     # -- state ----------------------------------------------------------------------------
     def _set_base(self, base: Manifest, key: bytes | None, ref: bytes) -> None:
@@ -101,6 +104,20 @@ class OpenFile:
             yield
         finally:
             self._lock.release()
+
+    @contextmanager
+    def settled(self) -> Iterator[None]:
+        """locked(), once no close of this file is waiting for its commit."""
+        deadline = time.monotonic() + self.svc.lock_timeout
+        while True:
+            pending = self.inflight
+            if pending is not None and not pending.wait(max(0.0, deadline -
+                                                            time.monotonic())):
+                raise DeadlineError("a closed file was not committed in time")
+            with self.locked():
+                if self.inflight is None:
+                    yield
+                    return
 
     def _staging(self) -> Staging:
         if self.staging is None:
@@ -160,7 +177,7 @@ class OpenFile:
     def write(self, offset: int | None, data: bytes | memoryview) -> int:
         """Write data at offset (None: at the end, for O_APPEND). data is only read during
         the call. Returns the number of bytes written."""
-        with self.locked():
+        with self.settled():
             if offset is None:
                 offset = self.size
             n = len(data)
@@ -218,7 +235,7 @@ class OpenFile:
         return os.preadv(fd, [dest], offset)
 
     def truncate(self, length: int) -> None:
-        with self.locked():
+        with self.settled():
             if length == self.size and (self.dirty or length == self.base.size):
                 return
             staging = self._staging()

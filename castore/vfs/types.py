@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 from castore.errors import CastoreError
-from castore.ops import Attrs, Kind, Node, Version, int_attr
+from castore.ops import Attrs, Kind, Node, Version
 from castore.vfs.openfile import OpenFile
 
 RENAME_NOREPLACE = 1
@@ -98,5 +98,3 @@ def apply_attrs(of: OpenFile, attrs: Attrs, keep: bool = True) -> None:
         of.attrs.update(attrs)
 
 
-def file_attrs(mode: int, mtime_ns: int) -> Attrs:
-    return {b"mode": int_attr(mode & 0o7777), b"mtime": int_attr(mtime_ns)}

@@ -20,6 +20,9 @@ class XattrOps(VfsCore):
     def getxattr(self, path: str | bytes, name: str) -> bytes:
         if not name.startswith("user."):
             raise NoAttributeError(name)
+        if name in CASTORE_XATTRS:
+            self.settle()               # the id of a file just closed is known at its commit
+
         def run(t: LmdbTxn) -> bytes:
             target = self._resolve(t, path)
             node, of = target.node, target.of
@@ -41,6 +44,8 @@ class XattrOps(VfsCore):
         return self._env.read(run)
 
     def listxattr(self, path: str | bytes) -> list[str]:
+        self.settle()
+
         def run(t: LmdbTxn) -> list[str]:
             target = self._resolve(t, path)
             node, of = target.node, target.of

@@ -1,0 +1,221 @@
+"""Group commit of the files closed on the drive.
+
+A close hands its file's new content to the Committer, which appends it to the repo's close
+journal (castore.journal) and returns: from then on the close survives the daemon being
+killed. One thread commits what has queued up in one synced LMDB transaction, so a program
+that writes many small files pays two fsyncs per group instead of per file; the journal
+starts again empty whenever everything queued is committed. Until its group commits, the
+file is served from its open state (the vfs keeps it registered). fsync waits for the
+commit. Imports no FUSE code.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from castore import journal
+from castore.errors import CastoreError, StorageFullError
+from castore.ids import NodeId
+from castore.journal import Intent, Journal
+from castore.repo import Repo
+from castore.store.lmdb import LmdbTxn
+from castore.vfs.readcache import DeadlineError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+GROUP_FILES = 512               # closes committed in one transaction at most
+GROUP_BYTES = 64 << 20          # bytes of new chunks in one transaction at most
+JOURNAL_MAX = 256 << 20         # past this, closes wait for the journal to empty
+RETRY_FULL = 1.0                # seconds between attempts while the disk is full
+
+
+@dataclass(eq=False, slots=True)
+class Closing:
+    """One close on its way to the store. `result` is (node, version key, content ref)."""
+
+    intent: Intent
+    end: int = 0                                 # journal offset after its record
+    owner: object = None                         # the open file, for the landing callback
+    done: threading.Event = field(default_factory=threading.Event)
+    result: tuple[NodeId, bytes, bytes] | None = None
+    error: BaseException | None = None
+
+    def wait(self, timeout: float) -> tuple[NodeId, bytes, bytes]:
+        if not self.done.wait(timeout):
+            raise DeadlineError(f"a closed file was not committed within {timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class Committer:
+    """Commits closed files in groups, in the order they were closed. on_landed(closing)
+    runs on the committer thread after each commit (or failure) of a close."""
+
+    def __init__(self, repo: Repo, on_landed: Callable[[Closing], None]) -> None:
+        self._repo = repo
+        self._journal: Journal = repo.close_journal()
+        self._on_landed = on_landed
+        self._cond = threading.Condition()
+        self._queue: deque[Closing] = deque()
+        self._busy = 0                      # closes queued or being committed
+        self._keep = False                  # a close could not commit for lack of space
+        # odd while a group commits and lands: a reader whose snapshot of the store and of
+        # the open files straddles a landing sees the epoch move, and reads again
+        self.epoch = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="castore-vfs-commit",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, intent: Intent, owner: object, timeout: float = 60.0) -> Closing:
+        """Journal the close and queue it. Raises StorageFullError (the disk is full: the
+        caller commits directly, which reports it) or DeadlineError."""
+        closing = Closing(intent, owner=owner)
+        with self._cond:
+            deadline = time.monotonic() + timeout
+            while self._journal_full() and not self._stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineError("the close journal did not empty in time")
+                self._cond.wait(min(left, 0.5))
+            if self._stop:
+                raise DeadlineError("the drive is shutting down")
+            closing.end = self._journal.append(intent)   # under _cond: journal order = queue
+            self._queue.append(closing)
+            self._busy += 1
+            self._cond.notify_all()
+        return closing
+
+    def _journal_full(self) -> bool:
+        return self._busy > 0 and self._journal.size > JOURNAL_MAX
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every close submitted so far is committed (or failed)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def quiet_epoch(self, timeout: float = 5.0) -> int:
+        """The epoch once no group is landing (waits for the one landing now)."""
+        deadline = time.monotonic() + timeout
+        e = self.epoch
+        while e & 1 and time.monotonic() < deadline:
+            time.sleep(0.0002)
+            e = self.epoch
+        return e
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def close(self, timeout: float = 60.0) -> None:
+        if not self.drain(timeout):
+            log.error("closed files were still being committed at shutdown; the close "
+                      "journal keeps them for the next start")
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(5.0)
+
+    # -- the committer thread ---------------------------------------------------------------
+    def _take(self) -> list[Closing]:
+        with self._cond:
+            while not self._queue and not self._stop:
+                self._cond.wait(1.0)
+            group: list[Closing] = []
+            size = 0
+            while self._queue and len(group) < GROUP_FILES and \
+                    (not group or size < GROUP_BYTES):
+                c = self._queue.popleft()
+                group.append(c)
+                size += sum(len(p.stored) for p in c.intent.prepared)
+            return group
+
+    def _run(self) -> None:
+        while True:
+            group = self._take()
+            if not group:
+                if self._stop:
+                    return
+                continue
+            self.epoch += 1
+            try:
+                self._commit(group)
+                for c in group:
+                    try:
+                        self._on_landed(c)
+                    except Exception:  # the drive's bookkeeping must not stop the committer
+                        log.exception("after committing a closed file")
+                    c.done.set()
+            finally:
+                self.epoch += 1
+            with self._cond:
+                self._busy -= len(group)
+                if not self._busy and not self._keep:
+                    try:
+                        self._journal.reset()
+                    except CastoreError as exc:
+                        log.error("%s", exc)
+                self._cond.notify_all()
+
+    def _commit(self, group: list[Closing]) -> None:
+        repo = self._repo
+        gen = self._journal.generation
+
+        def run_all(t: LmdbTxn) -> list[tuple[NodeId, bytes, bytes]]:
+            out = [journal.apply(t, repo.ns, repo.files, repo.store, c.intent) for c in group]
+            journal.mark_applied(t, gen, group[-1].end)
+            return out
+        try:
+            for c, result in zip(group, self._write(run_all)):
+                c.result = result
+            return
+        except CastoreError:
+            pass                            # one of them cannot commit: one by one
+        except Exception as exc:  # a bug must not lose the others
+            log.exception("committing closed files")
+            for c in group:
+                c.error = exc
+            return
+        for c in group:
+            def run_one(t: LmdbTxn, c: Closing = c) -> tuple[NodeId, bytes, bytes]:
+                out = journal.apply(t, repo.ns, repo.files, repo.store, c.intent)
+                journal.mark_applied(t, gen, c.end)
+                return out
+            try:
+                c.result = self._write(run_one)
+            except StorageFullError as exc:    # only while stopping: the journal keeps it
+                c.error = exc
+                self._keep = True
+            except CastoreError as exc:
+                log.warning("a file closed on the drive could not be committed: %s", exc)
+                c.error = exc
+                try:
+                    self._write(lambda t, c=c: journal.mark_applied(t, gen, c.end))
+                except CastoreError:
+                    pass
+
+    def _write(self, fn: Callable[[LmdbTxn], T]) -> T:
+        """env.write, waiting while the disk is full: the closes stay in the journal (and
+        served from memory) until space returns or the drive stops."""
+        while True:
+            try:
+                return self._repo.env.write(fn)
+            except StorageFullError as exc:
+                if self._stop:
+                    raise
+                log.error("%s; closed files wait in the close journal", exc)
+                time.sleep(RETRY_FULL)
