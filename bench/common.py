@@ -1,7 +1,9 @@
-"""Shared helpers for the benchmarks: timing, medians, test data, JSON and plots.
+"""Shared helpers for the benchmarks: test data, JSON output, machine facts.
 
-Benchmarks use castore's public API and CLI only; they are plain scripts, not collected by
-pytest. Every figure is the median of several runs, next to a baseline measured in the same run.
+Benchmarks are plain scripts, not collected by pytest. The measuring code they share with
+`castore bench` (timing, medians, random data, dropping caches) lives in
+castore.benchsuite and is re-exported here. Every figure is the median of several runs, next
+to a baseline measured in the same run.
 """
 from __future__ import annotations
 
@@ -10,55 +12,26 @@ import os
 import platform
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from castore.benchsuite.processes import castore_argv as castore_cmd  # noqa: E402,F401
+from castore.benchsuite.workloads import (drop_caches, make_random_file,  # noqa: E402,F401
+                                          median_of, timed)
+
+__all__ = ["RESULTS", "castore_cmd", "drop_caches", "emit", "machine", "make_random_file",
+           "make_real_file", "make_tree", "median_of", "mutate_tree", "run", "timed",
+           "write_json"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def median_of(runs: int, fn: Callable[[int], float]) -> tuple[float, list[float]]:
-    values = [fn(i) for i in range(runs)]
-    return statistics.median(values), values
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def drop_caches() -> bool:
-    """Drop the page cache (root only). Returns False if not possible."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def castore_cmd() -> list[str]:
-    exe = Path(sys.executable).with_name("castore")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "castore"]
-
-
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)
-
-
-def make_random_file(path: Path, size: int, seed: int = 1) -> None:
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 1 << 20)
-            f.write(rng.randbytes(n))
-            left -= n
 
 
 def make_real_file(path: Path, size: int) -> int:

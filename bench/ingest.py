@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (castore_cmd, emit, machine, make_random_file, make_real_file,  # noqa: E402
                     make_tree, median_of, mutate_tree, run, timed, write_json)
 
+from castore.benchsuite.workloads import blake3_seconds  # noqa: E402
+
 
 class Daemon:
     def __init__(self, home: Path) -> None:
@@ -80,16 +82,6 @@ def cp_time(src: Path, dst: Path) -> float:
     return timed(go)
 
 
-def hash_time(src: Path) -> float:
-    from blake3 import blake3
-
-    def go() -> None:
-        h = blake3(max_threads=blake3.AUTO)
-        h.update_mmap(str(src))
-        h.digest()
-    return timed(go)
-
-
 def stats(home: Path) -> dict[str, Any]:
     r = run(castore_cmd() + ["status", "--json", "--home", str(home)])
     return dict(json.loads(r.stdout)["stats"])
@@ -120,7 +112,7 @@ def main() -> int:
             for f in (src,):
                 f.read_bytes() if nbytes <= (2 << 30) else None   # warm the page cache
             base, base_runs = median_of(args.runs, lambda i: cp_time(src, work / "copy.bin"))
-            hashed, _ = median_of(args.runs, lambda i: hash_time(src))
+            hashed, _ = median_of(args.runs, lambda i: blake3_seconds(src))
             offline, off_runs = median_of(args.runs, lambda i: add_time(src, home, False, False))
             daemon, d_runs = median_of(args.runs, lambda i: add_time(src, home, False, True))
             st = stats(home)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS, castore_cmd, drop_caches, emit, machine, write_json  # noqa: E402
 
 from castore import mounts  # noqa: E402
+from castore.benchsuite.workloads import creates, read_file  # noqa: E402
 
 MiB = 1 << 20
 TARGETS = {           # DESIGN targets on this 2-core machine (see the issue)
@@ -99,23 +100,6 @@ def write_file(path: Path, data: memoryview, durable: bool) -> float:
     return time.perf_counter() - start
 
 
-def read_file(path: Path) -> tuple[float, int]:
-    buf = bytearray(MiB)
-    view = memoryview(buf)
-    start = time.perf_counter()
-    n = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while True:
-            k = os.readv(fd, [view])
-            if not k:
-                break
-            n += k
-    finally:
-        os.close(fd)
-    return time.perf_counter() - start, n
-
-
 def make_data(kind: str, size: int, run: int, base: bytes | None) -> bytes:
     """Fresh bytes for each run (so no run deduplicates against an earlier one)."""
     if kind == "incompressible":
@@ -149,19 +133,6 @@ def compressible_base(size: int) -> bytes:
                     return b"".join(parts)
     base = b"".join(parts)
     return (base * (size // max(1, len(base)) + 1))[:size]
-
-
-def creates(dirpath: Path, count: int, durable: bool) -> float:
-    dirpath.mkdir()
-    body = os.urandom(4096)
-    start = time.perf_counter()
-    for i in range(count):
-        fd = os.open(dirpath / f"f{i:06d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(fd, body)
-        if durable:
-            os.fdatasync(fd)
-        os.close(fd)
-    return time.perf_counter() - start
 
 
 def tar_x(archive: Path, dest: Path) -> float:

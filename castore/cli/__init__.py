@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         mount.add_parsers(sub, common)
     except ImportError:  # pragma: no cover - the mount commands ship with the package
         pass
+    from castore.cli import bench
+    bench.add_parsers(sub, common)
     return parser
 
 
