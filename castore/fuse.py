@@ -6,7 +6,9 @@ Facts this relies on (DESIGN.md section 8, research/probes.md section 1): mfusep
 unless FUSE_LIBRARY_NAME=fuse3 is set before it is imported; mfusepy 3.1.1 drops renameat2
 flags and truncate's file handle, so both are passed through here; attribute names of the
 Operations object that match FUSE operations become callbacks, so state lives under _names;
-per-open keep_cache (never the global kernel_cache) keeps the page cache of unchanged files.
+per-open keep_cache (never the global kernel_cache) keeps the page cache of unchanged files;
+fuse_invalidate_path and the entry notifications, called from a thread of our own and never
+from inside an operation, drop what the kernel caches of paths changed on other peers.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from castore.errors import (CastoreError, ChunkNotFoundError, ExistsError,  # no
                             NameTooLongError, NotDirectoryError, NotEmptyError,
                             PathNotFoundError, PeerUnavailableError, StorageFullError)
 from castore.mounts import MountError  # noqa: E402
-from castore.ops import Kind  # noqa: E402
+from castore.nssync import Changed, changed_paths, top_level_paths  # noqa: E402
+from castore.ops import Kind, Op  # noqa: E402
 from castore.repo import Repo  # noqa: E402
 from castore.vfs import (Attr, AttributeTooLargeError, DeadlineError,  # noqa: E402
                          NoAttributeError, NotPermittedError, UnsupportedError, Vfs)
@@ -46,6 +49,7 @@ if mfusepy.fuse_version_major != 3:              # pragma: no cover - depends on
 ATTR_TIMEOUT = 1.0               # seconds the kernel caches attributes and names
 MOUNT_TIMEOUT = 15.0             # seconds to wait for a mount to come up
 UNMOUNT_JOIN = 5.0               # seconds to wait for the FUSE loop to end after unmounting
+INVALIDATE_BATCH = 20_000        # remote ops turned into paths at a time
 BLKSIZE = 128 << 10              # st_blksize: programs size their I/O buffers from it
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 _READDIR_PLUS, _FILL_DIR_PLUS = 1, 2     # libfuse3 fuse_readdir_flags, fuse_fill_dir_flags
@@ -356,6 +360,157 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
         return 0
 
 
+class _Notify:
+    """libfuse3's cache notifications, bound once. Calls are refused (False) once the loop is
+    about to end: struct fuse is freed with it."""
+
+    def __init__(self, ops: CastoreOps) -> None:
+        lib = mfusepy._libfuse
+        self._ops = ops
+        self._mutex = threading.Lock()
+        self._closed = False
+        self._path = lib.fuse_invalidate_path
+        self._path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self._path.restype = ctypes.c_int
+        self._session_of = lib.fuse_get_session
+        self._session_of.argtypes = [ctypes.c_void_p]
+        self._session_of.restype = ctypes.c_void_p
+        entry_args = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
+        self._inval_entry = lib.fuse_lowlevel_notify_inval_entry
+        self._inval_entry.argtypes = entry_args
+        self._inval_entry.restype = ctypes.c_int
+        # expiring (libfuse 3.12, Linux 6.2) makes the kernel look the name up again without
+        # dropping a directory some process is in; plain invalidation is the fallback
+        self._expire_entry = getattr(lib, "fuse_lowlevel_notify_expire_entry", None)
+        if self._expire_entry is not None:
+            self._expire_entry.argtypes = entry_args
+            self._expire_entry.restype = ctypes.c_int
+
+    def close(self, timeout: float) -> None:
+        got = self._mutex.acquire(timeout=timeout)
+        self._closed = True
+        if got:
+            self._mutex.release()
+
+    def path(self, path: bytes) -> bool:
+        """Drop the attributes and cached pages of the node at path. False when the kernel
+        does not hold it (ENOENT) or the mount is going away."""
+        with self._mutex:
+            ptr = self._ops._fuse_ptr
+            if self._closed or not ptr:
+                return False
+            return int(self._path(ptr, path)) == 0
+
+    def entry(self, parent_ino: int, name: bytes) -> None:
+        """Make the kernel look name up again in directory parent_ino (a libfuse node id)."""
+        with self._mutex:
+            ptr = self._ops._fuse_ptr
+            if self._closed or not ptr:
+                return
+            se = self._session_of(ptr)
+            rc = -errno.ENOSYS
+            if self._expire_entry is not None:
+                rc = int(self._expire_entry(se, parent_ino, name, len(name)))
+            if rc in (-errno.ENOSYS, -errno.EINVAL):
+                rc = int(self._inval_entry(se, parent_ino, name, len(name)))
+        if rc not in (0, -errno.ENOENT):
+            log.debug("invalidating %r in node %d: %s", name, parent_ino,
+                      errno.errorcode.get(-rc, rc))
+
+
+class Invalidator:
+    """Drops the kernel's caches of paths that ops from other peers changed, so that readers
+    here see a remote change at once, not after ATTR_TIMEOUT: attributes and pages of the
+    nodes (fuse_invalidate_path) and the names that appeared, moved or went away (expired in
+    their directory, which is found by its inode number: without use_ino, st_ino is the
+    libfuse node id). Ops are queued by the repo's listener and handled in a thread of its
+    own: the thread that applied them never waits, and no notification is sent from inside
+    a FUSE operation (libfuse can deadlock then). Local ops are left out: the kernel saw
+    those made through the mount happen; those made through the client API while mounted
+    show after ATTR_TIMEOUT (and their pages are never reused: keep_cache is per version)."""
+
+    def __init__(self, repo: Repo, ops: CastoreOps, mountpoint: str) -> None:
+        self.repo = repo
+        self.mountpoint = os.fsencode(mountpoint)
+        self._notify = _Notify(ops)
+        self._ops: list[Op] = []
+        self._everything = False
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self.sent = 0                    # notifications sent (read by debuggers)
+        self._thread = threading.Thread(target=self._run, name="castore-invalidate",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self.repo.add_listener(self.on_ops)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop sending (before the FUSE loop ends); never blocks longer than timeout."""
+        try:
+            self.repo.ns.listeners.remove(self.on_ops)
+        except ValueError:
+            pass
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        self._notify.close(timeout)
+        self._thread.join(timeout)
+
+    def on_ops(self, ops: list[Op], local: bool) -> None:
+        """The repo listener: queue remote ops (quick, never raises)."""
+        if local:
+            return
+        with self._wake:
+            self._ops.extend(ops)
+            self._wake.notify_all()
+
+    def refresh_top(self) -> None:
+        """The whole tree was replaced (a snapshot was loaded): refresh the root's entries."""
+        with self._wake:
+            self._everything = True
+            self._wake.notify_all()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                while not self._ops and not self._everything and not self._stop.is_set():
+                    self._wake.wait(1.0)
+                batch, self._ops = self._ops[:INVALIDATE_BATCH], self._ops[INVALIDATE_BATCH:]
+                everything, self._everything = self._everything, False
+            try:
+                if everything:
+                    self._send(top_level_paths(self.repo))
+                if batch:
+                    self._send(changed_paths(self.repo, batch))
+            except Exception:   # a cache left to its timeout, never a dead thread
+                log.exception("invalidating the drive's kernel caches failed")
+
+    def _send(self, changed: Changed) -> None:
+        log.debug("invalidating %d nodes and %d names", len(changed.nodes), len(changed.names))
+        known: dict[bytes, int | None] = {b"/": 1}      # FUSE_ROOT_ID
+        for path in sorted(changed.nodes, key=len, reverse=True):
+            if self._stop.is_set():
+                return
+            if self._notify.path(path):
+                self.sent += 1
+                known.setdefault(path, None)
+        for parent, name in sorted(changed.names):
+            if self._stop.is_set():
+                return
+            if parent not in known:
+                continue                  # the kernel holds no entries of that directory
+            ino = known[parent]
+            if ino is None:
+                try:               # a stat through the mount, from this thread (not an op)
+                    ino = known[parent] = os.lstat(self.mountpoint + parent).st_ino
+                except OSError:
+                    known.pop(parent)
+                    continue
+            self._notify.entry(ino, name)
+            self.sent += 1
+
+
 class Mount:
     """A mounted drive, served by a FUSE loop in its own thread."""
 
@@ -368,6 +523,7 @@ class Mount:
         self._errors = errors
         self._dev: int | None = None
         self._stopped = False
+        self.invalidator: Invalidator | None = None
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -379,6 +535,8 @@ class Mount:
             return
         self._stopped = True
         lazy = False
+        if self.invalidator is not None:
+            self.invalidator.stop()
         try:
             how = mounts.unmount(self.mountpoint) if mounts.find(self.mountpoint) else \
                 "not mounted"
@@ -468,6 +626,8 @@ def start_mount(repo: Repo, mountpoint: str, allow_other: bool = False) -> Mount
         mount.stop()
         raise MountError(f"the drive at {mp} did not come up within {MOUNT_TIMEOUT:.0f} s")
     mounts.raise_readahead(mp)
+    mount.invalidator = Invalidator(repo, ops, mp)
+    mount.invalidator.start()
     log.info("castore drive mounted at %s", mp)
     return mount
 

@@ -375,7 +375,7 @@ class Namespace:
                 [(k, bytes(v)) for k, v in txn.scan("ops", start=op.key) if k != op.key]
             later_moves = []
             for k, v in later:
-                later_op, later_undo = _split_entry(v)
+                later_op, later_undo = split_entry(v)
                 if later_op.type == OpType.MOVE:
                     later_moves.append((later_op, later_undo))
             for later_op, later_undo in reversed(later_moves):
@@ -511,7 +511,7 @@ class Namespace:
         raw = txn.get("ops", node.move_key)
         if raw is None:
             return None
-        delete, undo = _split_entry(bytes(raw))
+        delete, undo = split_entry(bytes(raw))
         if undo[:1] != b"\x01":
             return None
         spot = (NodeId(undo[1:17]), undo[41:])
@@ -524,7 +524,7 @@ class Namespace:
             if h.key in seen:
                 continue
             head_raw = txn.get("ops", h.key)
-            if head_raw is not None and delete.key in _split_entry(bytes(head_raw))[0].parents:
+            if head_raw is not None and delete.key in split_entry(bytes(head_raw))[0].parents:
                 continue                  # written knowing of the delete: stays deleted
             return spot
         return None
@@ -578,13 +578,13 @@ class Namespace:
         for _, key in txn.scan("opseq", origin, start=origin + _U64.pack(seq + 1)[::-1]):
             raw = txn.get("ops", bytes(key))
             if raw is not None:
-                yield _split_entry(bytes(raw))[0]
+                yield split_entry(bytes(raw))[0]
 
 
 def _entry(enc: bytes, undo: bytes) -> bytes:
     return _U32.pack(len(enc)) + enc + undo
 
 
-def _split_entry(buf: bytes) -> tuple[Op, bytes]:
+def split_entry(buf: bytes) -> tuple[Op, bytes]:
     (n,) = _U32.unpack_from(buf, 0)
     return Op.decode(buf[4:4 + n]), bytes(buf[4 + n:])

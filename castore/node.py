@@ -58,6 +58,9 @@ class Node:
             if self.mountpoint:
                 from castore import fuse          # lazily: needs libfuse3
                 self._mount = fuse.start_mount(self.repo, self.mountpoint)
+                if self.cluster is not None and self._mount.invalidator is not None:
+                    # a loaded snapshot applies no ops: refresh what the kernel has of the root
+                    self.cluster.namespace.on_snapshot.append(self._mount.invalidator.refresh_top)
             self._write_state()
         except BaseException:
             self._teardown()

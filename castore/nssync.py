@@ -2,7 +2,9 @@
 reachable now; every few seconds, and whenever a peer (re)appears, each peer pulls the ops it
 lacks by comparing version vectors (exact: per origin, the highest contiguous sequence number);
 a peer with an empty namespace first loads a snapshot, then pulls the tail. Ops from clocks too
-far ahead are held by the namespace and released here once their time comes.
+far ahead are held by the namespace and released here once their time comes. changed_paths
+says which paths of this peer's tree a batch of applied ops changed (the drive drops the
+kernel's caches of those).
 
 Talks to peers only through the OpPeer interface (an adapter in castore.rpc implements it over
 the peer service), so it runs in tests over in-process peers. Must not import grpc or
@@ -18,8 +20,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from castore.errors import CastoreError
-from castore.ops import Op
+from castore.ids import ROOT, TRASH, NodeId
+from castore.namespace import conflict_name, split_entry
+from castore.ops import Kind, Op, OpType
 from castore.repo import Repo
+from castore.store.lmdb import LmdbTxn
 
 log = logging.getLogger(__name__)
 PUSH_BATCH = 1000
@@ -60,6 +65,8 @@ class NamespaceSync:
         self._stop = threading.Event()
         self._known: set[str] = set()
         self._threads: list[threading.Thread] = []
+        # called after a snapshot was loaded (it applies no ops, so listeners hear nothing)
+        self.on_snapshot: list[Callable[[], None]] = []
         repo.add_listener(self._on_ops)
 
     def start(self) -> None:
@@ -159,8 +166,108 @@ class NamespaceSync:
                 continue
             self.repo.import_snapshot(rows)
             self.status.bootstrapped_from = name
+            for fn in list(self.on_snapshot):
+                fn()
             return len(rows)
         return 0
+
+
+@dataclass
+class Changed:
+    """Paths of this peer's tree that applied ops changed. nodes: files and directories whose
+    attributes, content or entries changed; names: (directory, name) pairs that appeared,
+    went away or now name another node. Paths are bytes, absolute, as users see them
+    (conflict copies by their conflict names)."""
+
+    nodes: set[bytes] = field(default_factory=set)
+    names: set[tuple[bytes, bytes]] = field(default_factory=set)
+
+    def add(self, path: bytes) -> None:
+        """A node at path changed, and so did its name and its directory."""
+        parent, name = _split(path)
+        self.nodes.add(path)
+        if name:
+            self.nodes.add(parent)
+            self.names.add((parent, name))
+
+
+def changed_paths(repo: Repo, ops: list[Op], max_paths: int = 100_000) -> Changed:
+    """Where ops just applied here show in the tree: each node's path now and, for a move,
+    the place it left (from the op's undo record). Stops adding after max_paths."""
+    ns = repo.ns
+    out = Changed()
+
+    def run(t: LmdbTxn) -> Changed:
+        paths: dict[NodeId, bytes | None] = {}
+        for op in ops:
+            if len(out.nodes) >= max_paths:
+                break
+            if op.node not in paths:
+                paths[op.node] = _path_of(repo, t, op.node)
+            path = paths[op.node]
+            if path is not None:
+                out.add(path)
+                if op.type == OpType.CONTENT or op.has_content:
+                    node = ns.get(t, op.node)
+                    parent, name = _split(path)
+                    keys = list(op.parents) + [h.key for h in (node.heads[:-1] if node else [])]
+                    out.names.update((parent, conflict_name(name, k)) for k in keys)
+            if op.type == OpType.MOVE:
+                raw = t.get("ops", op.key)
+                undo = split_entry(bytes(raw))[1] if raw is not None else b""
+                if undo[:1] == b"\x01":
+                    old_parent = _path_of(repo, t, NodeId(undo[1:17]))
+                    if old_parent is not None:
+                        out.add(_join(old_parent, undo[41:]))
+        return out
+    return repo.env.read(run)
+
+
+def top_level_paths(repo: Repo, limit: int = 10_000) -> Changed:
+    """The root and the names in it (after a snapshot replaced the whole tree)."""
+    out = Changed(nodes={b"/"})
+
+    def run(t: LmdbTxn) -> Changed:
+        for name, _, _ in repo.ns.children(t, ROOT):
+            if len(out.names) >= limit:
+                break
+            out.names.add((b"/", name))
+        return out
+    return repo.env.read(run)
+
+
+def _path_of(repo: Repo, txn: LmdbTxn, nid: NodeId) -> bytes | None:
+    """The node's path in the users' view, or None when it is not in the tree."""
+    ns = repo.ns
+    parts: list[bytes] = []
+    node = ns.get(txn, nid)
+    for _ in range(4096):
+        if node is None or node.id == TRASH:
+            return None
+        if node.id == ROOT:
+            return b"/" + b"/".join(reversed(parts))
+        parent, name = node.parent, node.name
+        if parent == TRASH:               # a deleted file revived by an edit (edit beats delete)
+            raw = txn.get("revived", node.id.raw)
+            if raw is None:
+                return None
+            parent, name = NodeId(bytes(raw[:16])), bytes(raw[16:])
+        if parent is None:
+            return None
+        if node.kind != Kind.UNKNOWN and ns.lookup(txn, parent, name) != node.id:
+            name = conflict_name(name, node.move_key)   # lost the name to a concurrent entry
+        parts.append(name)
+        node = ns.get(txn, parent)
+    return None
+
+
+def _split(path: bytes) -> tuple[bytes, bytes]:
+    parent, _, name = path.rstrip(b"/").rpartition(b"/")
+    return parent or b"/", name
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent.rstrip(b"/") + b"/" + name
 
 
 class LocalOpPeer:

@@ -7,12 +7,10 @@ disk fills. LMDB keeps no checksums, so every chunk is re-hashed on read (Integr
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,6 +191,11 @@ class LmdbEnv:
                         if new and self.on_commit is not None and \
                                 not wrapped.cache.get(QUIET):
                             self.on_commit(new)  # type: ignore[arg-type]
+                        for hook in wrapped.after_commit:
+                            try:
+                                hook()
+                            except Exception:  # committed: a listener's bug changes nothing
+                                log.exception("after a commit")
                         return result
                     except lmdb.MapFullError:
                         txn.abort()
