@@ -4,8 +4,11 @@ Measures, in one run: write throughput (`castore add --wait`, W acks, and until 
 placed) at R = 1, 2, 3 against raw gRPC client streaming of 1 MiB messages on loopback; time to
 restore R copies after kill -9 of a peer, in seconds per GiB, split into detection (dead),
 waiting (down-out interval) and transfer; bytes moved when a peer joins against the ideal
-(every copy's share of the newcomer, total / (N + 1)). Writes bench/results/replication.json
-and replication.png.
+(every copy's share of the newcomer, total / (N + 1)). Also measured in the same run, as
+ceilings the figures meet: the disk's rate of durable commits with the store's LMDB settings
+(16 MiB of 1 MiB values per commit; every peer writes to this one disk, and an R=2 write
+commits two copies before its acknowledgement) and the time of one CLI call (every
+`add --wait` includes one). Writes bench/results/replication.json and replication.png.
 
     python bench/replication.py --size-mib 256 --runs 3
 """
@@ -13,16 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from castore.benchsuite import MiB  # noqa: E402
-from castore.benchsuite.cluster import LocalCluster, free_port  # noqa: E402
+from castore.benchsuite.cluster import LocalCluster, cli, free_port  # noqa: E402
 from castore.benchsuite.processes import Processes  # noqa: E402
 from castore.benchsuite.rawgrpc import raw_grpc, serve  # noqa: E402
 from castore.benchsuite.steps import (join_movement, restore_after_kill,  # noqa: E402
@@ -30,6 +35,37 @@ from castore.benchsuite.steps import (join_movement, restore_after_kill,  # noqa
 from castore.benchsuite.workloads import make_random_file  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# -- ceilings of the parts, same run -------------------------------------------------------
+def disk_sync(tmp: Path, runs: int, size: int = 256 * MiB) -> list[float]:
+    """MB/s of durable LMDB commits (sync, metasync, no writemap: the store's settings)."""
+    import lmdb
+    value = os.urandom(MiB)
+    out = []
+    for i in range(runs):
+        path = tmp / f"disk{i}"
+        env = lmdb.open(str(path), map_size=4 * size, sync=True, metasync=True, writemap=False)
+        start = time.perf_counter()
+        for _ in range(size // (16 * MiB)):
+            with env.begin(write=True) as txn:
+                for _ in range(16):
+                    txn.put(os.urandom(32), value)
+        out.append(size / (time.perf_counter() - start) / 1e6)
+        env.close()
+        shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
+def cli_call(procs: Processes, tmp: Path, runs: int) -> list[float]:
+    """Seconds of one `castore status` against a running daemon."""
+    with LocalCluster(procs, tmp / "cli", 1, 1) as c:
+        out = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            cli(c.peers[0].home, "status")
+            out.append(time.perf_counter() - start)
+        return out
 
 
 # -- the figures, each on a fresh cluster (the measuring code is castore.benchsuite) -------
@@ -64,6 +100,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     a.bar([f"R={r}\nack" for r in rs], [w["ack_median"] for w in result["writes"]])
     a.bar([f"R={r}\nplaced" for r in rs], [w["placed_median"] for w in result["writes"]])
     a.axhline(result["raw_grpc_median"], color="k", ls="--", label="raw gRPC stream")
+    a.axhline(result["disk_sync_median"] / 2, color="r", ls=":",
+              label="disk sync rate / 2 (R=2 commits 2 copies)")
     a.set_ylabel("MB/s of unique data")
     a.set_title("write throughput")
     a.legend()
@@ -107,13 +145,19 @@ def main() -> None:
             make_random_file(f, size, seed=i + 1)
             data.append(f)
         raw = raw_grpc(procs, free_port(), size, args.runs)
+        cli_s = cli_call(procs, tmp, args.runs)
+        disk = disk_sync(tmp, 2)             # the disk is shared: sampled before each part
         ws = [writes(procs, tmp, args.peers, r, data, size) for r in (1, 2, 3)]
+        disk += disk_sync(tmp, 1)
         repair = [repair_time(procs, tmp, data, args.down_out, i)
                   for i in range(min(args.runs, 2))]
+        disk += disk_sync(tmp, 1)
         joins = [join_moves(procs, tmp, data, i) for i in range(min(args.runs, 2))]
         result: dict[str, Any] = {
             "peers": args.peers, "size_bytes": size, "runs": args.runs,
             "raw_grpc_MBps": raw, "raw_grpc_median": statistics.median(raw),
+            "disk_sync_MBps": disk, "disk_sync_median": statistics.median(disk),
+            "cli_call_s": cli_s, "cli_call_median_s": statistics.median(cli_s),
             "writes": ws, "repair": repair, "join": joins,
             "repair_transfer_s_per_GiB": statistics.median(r["transfer_s_per_GiB"]
                                                            for r in repair),

@@ -26,7 +26,7 @@ from castore.membership import Member, Membership, State
 from castore.metrics import Registry, serve_http
 from castore.ids import PeerId
 from castore.placement import PeerInfo, holders, preference_list
-from castore.replication import ClusterView, Replicator, pg_of
+from castore.replication import ClusterView, Replicator
 from castore.repo import Repo
 from castore.store.lmdb import read_counters
 from castore.nssync import NamespaceSync
@@ -266,7 +266,8 @@ class Cluster:
         last_pass = time.monotonic()
         last_used = 0.0
         while not self._stop.is_set():
-            forced = self._repair_now.wait(0.5)
+            # a short tick: a pass starts within 0.1 s of the settle time after a change
+            forced = self._repair_now.wait(0.1)
             if self._stop.is_set():
                 return
             self.replicator.retry_due()
@@ -298,6 +299,8 @@ class Cluster:
         if not wait:
             self._repair_now.set()
             return pb.RepairReply(done=False, seconds=0.0)
+        # chunks still being pushed are left out of a pass: let this peer's pushes finish
+        self.replicator.wait_pushed(timeout)
         stats = self.replicator.reconcile()
         while stats.under_replicated and time.monotonic() - started < timeout:
             time.sleep(0.2)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 import pytest
 
 from castore.hlc import HybridClock
-from castore.ids import ROOT
 from castore.namespace import CONFLICT_TAG, Kind, Namespace, Op, conflict_name
 from castore.store import MemoryKv
 from castore.store.memory import _MemoryTxn

@@ -5,26 +5,31 @@ RemoteStore implements over gRPC and tests implement in memory) and the cluster 
 ClusterView snapshot (who is live, where a chunk belongs). Must not import grpc,
 castore._proto or castore.rpc.
 
-- New local chunks are pushed to their write targets by background senders: Has first, then
-  the stored (compressed) bytes in batches of at most `window_bytes`.
+- New local chunks are pushed to their write targets by background senders, `push_streams`
+  per peer so one stream travels while the receiver commits another's batch: Has first, then
+  the stored (compressed) bytes in streams of at most `window_bytes` each. Chunks still being
+  pushed are left out of repair (listings and pulls), so a pass never copies them twice.
 - wait_durable() returns once W peers hold every chunk, or reports indeterminate on timeout.
 - fetch() gets missing chunks from the preference list (several holders in parallel).
+  Received chunks are committed in batches of `commit_bytes`, one batch behind the stream, so
+  receiving and the durable commit overlap; at most two batches per stream are held.
 - reconcile(): for every placement group whose primary (first live peer of its preference
   list) is this peer, list what every member holds, have targets pull what they lack (fewest
-  copies first), then drop copies outside the targets once every target holds one
-  (make-before-break).
+  copies first, spread over the holders), then drop copies outside the targets once every
+  target holds one (make-before-break).
 - Bytes that do not hash to their id are never stored and count against the sending peer; a
   peer past `quarantine_after` rejections is ignored.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -115,26 +120,37 @@ class Replicator:
     """Replication policies of one peer. Thread-safe; start() runs the background senders."""
 
     def __init__(self, local: LocalStore, peer_store: Callable[[str], PeerStore],
-                 view: Callable[[], ClusterView], *, window_bytes: int = 32 << 20,
+                 view: Callable[[], ClusterView], *, window_bytes: int = 16 << 20,
+                 push_streams: int = 2, commit_bytes: int = 16 << 20,
                  batch_items: int = 64, max_transfers: int = 2, quarantine_after: int = 3,
+                 ack_copies: int = 2, push_grace: float = 5.0,
                  clock: Callable[[], float] = time.monotonic,
                  on_bytes: Callable[[str, str, int], None] | None = None) -> None:
         self.local = local
         self.peer_store = peer_store
         self.view = view
         self.window_bytes = window_bytes
+        self.push_streams = max(1, push_streams)
+        self.commit_bytes = commit_bytes
         self.batch_items = batch_items
+        self.push_grace = push_grace
+        self.ack_copies = ack_copies
         self.quarantine_after = quarantine_after
         self._clock = clock
         self._on_bytes = on_bytes or (lambda peer, direction, n: None)
         self._copies: dict[ChunkId, set[str]] = {}
         self._cond = threading.Condition()
-        self._queues: dict[str, queue.Queue[ChunkId | None]] = {}
+        # per peer, (priority, sequence, id): the copies an acknowledgement waits for go
+        # first, extra copies (a writer outside the targets sends two) after them
+        self._queues: dict[str, queue.PriorityQueue[tuple[int, int, ChunkId | None]]] = {}
+        self._seq = itertools.count()
         self._threads: list[threading.Thread] = []
         self._retry: list[tuple[float, ChunkId]] = []
         self._inbound = threading.Semaphore(max_transfers)
         self._max_transfers = max_transfers
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="castore-fetch")
+        self._commits = ThreadPoolExecutor(4, thread_name_prefix="castore-commit")
+        self._pushing: dict[ChunkId, int] = {}     # pushes queued or on the wire, per chunk
         self.rejected: dict[str, int] = defaultdict(int)
         self.stats = RepairStats()
         self._repair_mutex = threading.Lock()
@@ -170,74 +186,143 @@ class Replicator:
         ids = list(ids)
         self._confirm(view.me, ids)
         for cid in ids:
-            for peer in view.write_targets(pg_of(cid, view.pg_bits)):
-                if peer != view.me:
-                    with self._cond:
-                        self._queued += 1
-                    self._queue_for(peer).put(cid)
+            remote = [p for p in view.write_targets(pg_of(cid, view.pg_bits)) if p != view.me]
+            for i, peer in enumerate(remote):
+                with self._cond:
+                    self._queued += 1
+                    self._pushing[cid] = self._pushing.get(cid, 0) + 1
+                prio = 0 if i < self.ack_copies - 1 else 1
+                self._queue_for(peer).put((prio, next(self._seq), cid))
 
-    def _queue_for(self, peer: str) -> queue.Queue[ChunkId | None]:
+    def pushing(self, cid: ChunkId) -> bool:
+        """True while a push of cid is queued or on the wire: repair leaves it to the push."""
+        return cid in self._pushing
+
+    def _pushed(self, ids: list[ChunkId]) -> None:
+        with self._cond:
+            self._queued -= len(ids)
+            for cid in ids:
+                n = self._pushing.get(cid, 0) - 1
+                if n > 0:
+                    self._pushing[cid] = n
+                else:
+                    self._pushing.pop(cid, None)
+            self._cond.notify_all()
+
+    def wait_pushed(self, timeout: float) -> bool:
+        """Wait until the pushes queued now have finished (sent, or deferred to a retry).
+        Returns False at the timeout."""
+        deadline = self._clock() + timeout
+        with self._cond:
+            pending = set(self._pushing)
+            while pending:
+                pending = {c for c in pending if c in self._pushing}
+                left = deadline - self._clock()
+                if not pending:
+                    break
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def _queue_for(self, peer: str) -> queue.PriorityQueue[tuple[int, int, ChunkId | None]]:
         with self._cond:
             q = self._queues.get(peer)
             if q is None:
-                q = self._queues[peer] = queue.Queue()
+                q = self._queues[peer] = queue.PriorityQueue()
                 t = threading.Thread(target=self._sender, args=(peer, q), daemon=True,
                                      name=f"castore-push-{peer[:8]}")
                 self._threads.append(t)
                 t.start()
             return q
 
-    def _sender(self, peer: str, q: queue.Queue[ChunkId | None]) -> None:
-        while True:
-            first = q.get()
-            if first is None:
-                return
-            ids = [first]
-            while len(ids) < self.batch_items * 4:
-                try:
-                    nxt = q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    q.put(None)
-                    break
-                ids.append(nxt)
-            try:
-                self.push(peer, ids)
-            except Exception as exc:  # any failure: retry later, never lose the sender
-                if isinstance(exc, CastoreError):
-                    log.info("replication to %s deferred: %s", peer[:10], exc)
-                else:
-                    log.exception("replication to %s failed; retrying", peer[:10])
-                due = self._clock() + 1.0
-                with self._cond:
-                    self._retry.extend((due, c) for c in ids)
-            finally:
-                with self._cond:
-                    self._queued -= len(ids)
+    def _sender(self, peer: str, q: queue.PriorityQueue[tuple[int, int, ChunkId | None]]
+                ) -> None:
+        """Per peer: ask which queued chunks it lacks, read them and hand windows to
+        push_streams streamers, so Has, reading, the wire and the receiver's commit overlap.
+        At most push_streams + 2 windows are held per peer."""
+        windows: queue.Queue[tuple[PeerStore, Batch, int] | None] = queue.Queue(maxsize=1)
+        streamers = [threading.Thread(target=self._streamer, args=(peer, windows), daemon=True,
+                                      name=f"castore-push-{peer[:8]}-{i}")
+                     for i in range(self.push_streams)]
+        for t in streamers:
+            t.start()
+        try:
+            while True:
+                first = q.get()[2]
+                if first is None:
+                    return
+                ids = [first]
+                while len(ids) < self.batch_items * 4:
+                    try:
+                        item = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item[2] is None:
+                        q.put(item)
+                        break
+                    ids.append(item[2])
+                self._read_windows(peer, ids, windows)
+        finally:
+            for _ in streamers:
+                windows.put(None)
 
-    def push(self, peer: str, ids: list[ChunkId]) -> int:
-        """Send the chunks a peer lacks, in windows of window_bytes; returns bytes sent."""
-        remote = self.peer_store(peer)
-        have = remote.has_many(ids)
-        self._confirm(peer, [c for c, h in zip(ids, have) if h])
-        missing = [c for c, h in zip(ids, have) if not h]
-        sent = 0
-        batch: Batch = []
-        size = 0
-        for cid in missing:
+    def _read_windows(self, peer: str, ids: list[ChunkId],
+                      windows: queue.Queue[tuple[PeerStore, Batch, int] | None]) -> None:
+        queued = list(ids)           # still counted as pushing; released as windows finish
+        try:
+            remote = self.peer_store(peer)
+            have = remote.has_many(ids)
+            present = [c for c, h in zip(ids, have) if h]
+            self._confirm(peer, present)
+            missing = [c for c, h in zip(ids, have) if not h]
+            self._pushed(present)
+            queued = missing
+            batch: Batch = []
+            size = 0
+            for cid in missing:
+                try:
+                    stored = self.local.get_stored(cid)
+                except ChunkNotFoundError:
+                    self._pushed([cid])          # dropped meanwhile: someone else has it
+                    queued.remove(cid)
+                    continue
+                batch.append((cid, stored))
+                size += len(stored.data)
+                if size >= self.window_bytes or len(batch) >= self.batch_items:
+                    windows.put((remote, batch, size))
+                    queued = queued[len(batch):]
+                    batch, size = [], 0
+            if batch:
+                windows.put((remote, batch, size))
+                queued = []
+        except Exception as exc:  # any failure: retry later, never lose the sender
+            self._defer(peer, queued, exc)
+            self._pushed(queued)
+
+    def _streamer(self, peer: str,
+                  windows: queue.Queue[tuple[PeerStore, Batch, int] | None]) -> None:
+        while True:
+            item = windows.get()
+            if item is None:
+                return
+            remote, batch, size = item
+            ids = [c for c, _ in batch]
             try:
-                stored = self.local.get_stored(cid)
-            except ChunkNotFoundError:
-                continue                          # dropped meanwhile: someone else has it
-            batch.append((cid, stored))
-            size += len(stored.data)
-            if size >= self.window_bytes or len(batch) >= self.batch_items:
-                sent += self._send(peer, remote, batch, size)
-                batch, size = [], 0
-        if batch:
-            sent += self._send(peer, remote, batch, size)
-        return sent
+                self._send(peer, remote, batch, size)
+            except Exception as exc:  # any failure: retry later, never lose the streamer
+                self._defer(peer, ids, exc)
+            finally:
+                self._pushed(ids)
+
+    def _defer(self, peer: str, ids: list[ChunkId], exc: Exception) -> None:
+        if isinstance(exc, CastoreError):
+            log.info("replication to %s deferred: %s", peer[:10], exc)
+        else:
+            log.error("replication to %s failed; retrying", peer[:10], exc_info=exc)
+        due = self._clock() + 1.0
+        with self._cond:
+            self._retry.extend((due, c) for c in ids)
 
     def _send(self, peer: str, remote: PeerStore, batch: Batch, size: int) -> int:
         stored, rejected = remote.put_stored_many(batch)
@@ -323,12 +408,39 @@ class Replicator:
                 tries[c].pop(0)
 
     def _fetch_from(self, peer: str, ids: list[ChunkId]) -> list[ChunkId]:
+        stored: list[ChunkId] = []
         try:
-            batch = list(self.peer_store(peer).get_stored_many(ids))
+            self.accept_stream(peer, self.peer_store(peer).get_stored_many(ids), stored)
         except CastoreError as exc:
             log.info("fetch from %s failed: %s", peer[:10], exc)
-            return []
-        return self.accept(peer, batch)
+        return stored
+
+    def accept_stream(self, sender: str, items: Iterable[tuple[ChunkId, StoredChunk]],
+                      stored: list[ChunkId]) -> list[ChunkId]:
+        """Store chunks as they arrive from a peer, verified, in durable commits of about
+        commit_bytes; a batch commits while the next one arrives, so at most two are held.
+        Appends what is durable here (stored or already held) to `stored` as each commit
+        returns and returns every id received. An error of `items` propagates once the
+        commit under way has finished; the batch still arriving is dropped."""
+        received: list[ChunkId] = []
+        pending: Future[list[ChunkId]] | None = None
+        batch: Batch = []
+        size = 0
+        try:
+            for cid, chunk in items:
+                batch.append((cid, chunk))
+                received.append(cid)
+                size += len(chunk.data)
+                if size >= self.commit_bytes:
+                    if pending is not None:
+                        stored.extend(pending.result())
+                    pending = self._commits.submit(self.accept, sender, batch)
+                    batch, size = [], 0
+        finally:
+            if pending is not None:
+                stored.extend(pending.result())
+        stored.extend(self.accept(sender, batch))
+        return received
 
     def accept(self, sender: str, batch: Batch) -> list[ChunkId]:
         """Store chunks received from a peer, verified; mismatches count against it."""
@@ -340,15 +452,19 @@ class Replicator:
         return stored
 
     # -- serving peers --------------------------------------------------------------------
-    def handle_put(self, sender: str, batch: Batch) -> tuple[list[ChunkId], list[ChunkId]]:
-        stored = self.accept(sender, batch)
+    def handle_put(self, sender: str, batch: Iterable[tuple[ChunkId, StoredChunk]]
+                   ) -> tuple[list[ChunkId], list[ChunkId]]:
+        """Store a peer's push (see accept_stream): (durable here, not stored)."""
+        stored: list[ChunkId] = []
+        received = self.accept_stream(sender, batch, stored)
         ok = set(stored)
-        return stored, [c for c, _ in batch if c not in ok]
+        return stored, [c for c in received if c not in ok]
 
     def handle_pull(self, items: list[tuple[ChunkId, list[str]]]
                     ) -> tuple[list[ChunkId], list[ChunkId]]:
-        """Fetch items from the given sources (a repair transfer). At most max_transfers run
-        on this peer at once; the rest wait."""
+        """Fetch items from the given sources (a repair transfer), spread over the sources
+        and from all of them at once; a chunk whose source fails is asked of its next one.
+        At most max_transfers run on this peer at once; the rest wait."""
         with self._inbound:
             ids = [c for c, _ in items]
             have = dict(zip(ids, self.local.has_many(ids)))
@@ -360,11 +476,15 @@ class Replicator:
                 for c, srcs in todo:
                     srcs = [s for s in srcs if not self.quarantined(s)]
                     if srcs:
-                        by_src[srcs[0]].append(c)
-                        left.append((c, srcs[1:]))
+                        # the least loaded source so far; the preference order breaks ties
+                        src = min(srcs, key=lambda s: len(by_src[s]))
+                        by_src[src].append(c)
+                        left.append((c, [s for s in srcs if s != src]))
+                futures = [self._pool.submit(self._fetch_from, src, cs)
+                           for src, cs in by_src.items()]
                 got: set[ChunkId] = set()
-                for src, cs in by_src.items():
-                    got.update(self._fetch_from(src, cs))
+                for f in futures:
+                    got.update(f.result())
                 done.extend(got)
                 todo = [(c, s) for c, s in left if c not in got and s]
             failed = [c for c in ids if c not in set(done)]
@@ -381,6 +501,9 @@ class Replicator:
         """One repair pass over the groups this peer is primary of; see the module doc."""
         with self._repair_mutex:
             started = self._clock()
+            # this peer's own new chunks are placed by their pushes, not by pulls: give the
+            # pushes under way a moment, and leave out whatever is still being pushed
+            self.wait_pushed(self.push_grace)
             view = self.view()
             mine = sorted({pg for pg in range(1 << view.pg_bits) if view.primary(pg) == view.me})
             holders: dict[ChunkId, set[str]] = defaultdict(set)
@@ -398,6 +521,8 @@ class Replicator:
                 except CastoreError as exc:
                     log.info("repair: cannot list %s: %s", peer[:10], exc)
                     return self.stats
+            for cid in [c for c in holders if self.pushing(c)]:
+                del holders[cid]
             pulls: dict[str, list[tuple[int, ChunkId, list[str]]]] = defaultdict(list)
             by_copies: dict[int, int] = defaultdict(int)
             under = 0
@@ -428,10 +553,8 @@ class Replicator:
 
     def _run_pulls(self, pulls: dict[str, list[tuple[int, ChunkId, list[str]]]],
                    holders: dict[ChunkId, set[str]]) -> None:
-        def run(target: str, work: list[tuple[int, ChunkId, list[str]]]) -> None:
-            work.sort(key=lambda w: w[0])                 # fewest copies first
-            for i in range(0, len(work), self.batch_items):
-                part = work[i:i + self.batch_items]
+        def run(target: str, parts: list[list[tuple[int, ChunkId, list[str]]]]) -> None:
+            for part in parts:
                 try:
                     if target == self.view().me:
                         done, _ = self.handle_pull([(c, s) for _, c, s in part])
@@ -446,9 +569,19 @@ class Replicator:
                     self.stats.transfers += len(done)
                     self.stats.pending -= len(part)
                 self._confirm(target, done)
-        with ThreadPoolExecutor(max(1, self._max_transfers),
+        # up to max_transfers pulls per target at once (the target admits as many), so one
+        # transfer's commit overlaps another's stream; batches interleave over the lanes
+        lanes: list[tuple[str, list[list[tuple[int, ChunkId, list[str]]]]]] = []
+        for target, work in pulls.items():
+            work.sort(key=lambda w: w[0])                 # fewest copies first
+            parts = [work[i:i + self.batch_items] for i in range(0, len(work), self.batch_items)]
+            n = max(1, min(self._max_transfers, len(parts)))
+            lanes += [(target, parts[k::n]) for k in range(n)]
+        if not lanes:
+            return
+        with ThreadPoolExecutor(max(1, min(len(lanes), 2 * self._max_transfers)),
                                 thread_name_prefix="castore-repair") as pool:
-            for f in [pool.submit(run, t, w) for t, w in pulls.items()]:
+            for f in [pool.submit(run, t, parts) for t, parts in lanes]:
                 f.result()
 
     def _drop_extras(self, view: ClusterView, holders: dict[ChunkId, set[str]]) -> None:
@@ -472,5 +605,6 @@ class Replicator:
     def close(self) -> None:
         with self._cond:
             for q in self._queues.values():
-                q.put(None)
+                q.put((-1, -1, None))
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._commits.shutdown(wait=False, cancel_futures=True)

@@ -35,7 +35,6 @@ from castore.rpc.peer_client import _cid, channel_options, member_from_pb, membe
 from castore.store import StoredChunk
 
 log = logging.getLogger(__name__)
-PUT_BATCH_BYTES = 16 << 20
 
 
 class _Latency(grpc.ServerInterceptor):
@@ -164,38 +163,24 @@ class PeerServicer(ppg.PeerServicer):
         if self._rep.quarantined(sender):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"peer {sender[:10]} sent corrupt chunks; its data is ignored")
-        stored: list[ChunkId] = []
-        rejected: list[ChunkId] = []
-        batch: list[tuple[ChunkId, StoredChunk]] = []
-        size = 0
-        with abort_on_error(context):
+
+        def blobs() -> Iterator[tuple[ChunkId, StoredChunk]]:
             for blob in request_iterator:
-                batch.append((_cid(blob.id), StoredChunk(blob.codec, blob.raw_len,
-                                                         bytes(blob.data))))
-                size += len(blob.data)
-                if size >= PUT_BATCH_BYTES:
-                    s, r = self._rep.handle_put(sender, batch)
-                    stored += s
-                    rejected += r
-                    batch, size = [], 0
-            if batch:
-                s, r = self._rep.handle_put(sender, batch)
-                stored += s
-                rejected += r
+                yield _cid(blob.id), StoredChunk(blob.codec, blob.raw_len, bytes(blob.data))
+        with abort_on_error(context):
+            # verified and committed in batches while the rest of the stream arrives
+            stored, rejected = self._rep.handle_put(sender, blobs())
         return pp.PutReply(stored=[c.digest for c in stored],
                            rejected=[c.digest for c in rejected])
 
     def GetBlobs(self, request: pp.Ids, context: grpc.ServicerContext
                  ) -> Iterator[pp.StoredBlob]:
         self._caller(context)
-        from castore.errors import ChunkNotFoundError
-        for raw in request.ids:
-            cid = _cid(raw)
-            try:
-                s = self._hold.get_stored(cid)
-            except ChunkNotFoundError:
-                continue
-            yield pp.StoredBlob(id=cid.digest, codec=s.codec, raw_len=s.raw_len, data=s.data)
+        with abort_on_error(context):
+            ids = [_cid(raw) for raw in request.ids]
+            for cid, s in self._hold.get_stored_many(ids):   # in map order, read ahead
+                yield pp.StoredBlob(id=cid.digest, codec=s.codec, raw_len=s.raw_len,
+                                    data=s.data)
 
     def ListIds(self, request: pp.ListRequest, context: grpc.ServicerContext
                 ) -> Iterator[pp.Ids]:
@@ -205,6 +190,8 @@ class PeerServicer(ppg.PeerServicer):
         for cid in self._hold.ids():
             if wanted and pg_of(cid, request.pg_bits) not in wanted:
                 continue
+            if self._rep.pushing(cid):
+                continue             # its push places it; a repair pull would copy it twice
             page.append(cid.digest)
             if len(page) >= 4096:
                 yield pp.Ids(ids=page)
