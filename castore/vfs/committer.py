@@ -67,8 +67,9 @@ class Committer:
         self._queue: deque[Closing] = deque()
         self._busy = 0                      # closes queued or being committed
         self._keep = False                  # a close could not commit for lack of space
-        # odd while a group commits and lands: a reader whose snapshot of the store and of
-        # the open files straddles a landing sees the epoch move, and reads again
+        # odd while a group commits and the open files catch up: a reader whose snapshot
+        # of the store and look at the open files straddle that sees the epoch move, and
+        # reads again
         self.epoch = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="castore-vfs-commit",

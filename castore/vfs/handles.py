@@ -131,6 +131,9 @@ class FileHandleOps(VfsCore):
             of = target.of if target.version is None else None
             if node is not None and target.version is None:
                 of = self._open.get(node.id)        # may have changed since the lookup
+                if of is None and target.parent is not None:
+                    # a file created here whose first commit is landing right now
+                    of = self._pending.get((target.parent.id, target.name))
             head = head_of(node, target.version)
             head_key = head.key if head is not None else None
             if of is None or (not of.dirty and of.node is not None and
