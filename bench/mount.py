@@ -209,7 +209,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 r_warm_b.append(size / MiB / read_file(local / f"{kind}.bin")[0])
                 os.unlink(target)
             figs.add(f"seq_write_{kind}", "MB/s", w_c, w_b,
-                     "castore: write + close (durable commit); local: write + fdatasync")
+                     "castore: write + close (journaled; large chunks durable); local: write + fdatasync")
             figs.add(f"seq_read_cold_{kind}", "MB/s", r_cold_c, r_cold_b,
                      "after a fresh mount and drop_caches" if cold_ok else "caches NOT dropped")
             figs.add(f"seq_read_warm_{kind}", "MB/s", r_warm_c, r_warm_b, "second read")
@@ -221,7 +221,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             c_bd.append(args.files / creates(local / f"many-sync-{run}", min(args.files, 2000),
                                              True) * min(args.files, 2000) / args.files)
         figs.add("creates_4k", "files/s", c_c, c_b,
-                 "create, write 4 KiB, close; each castore close is a durable commit; "
+                 "create, write 4 KiB, close; castore closes are journaled and committed in groups; "
                  "baseline without fsync", baseline_fsync=round(statistics.median(c_bd), 1))
         archive = work / "tree.tar"
         subprocess.run(["tar", "cf", str(archive), "-C", args.tree, "."], check=True)

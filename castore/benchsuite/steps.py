@@ -124,7 +124,7 @@ def latency_summary(values: list[float]) -> dict[str, float]:
 
 # -- small files --------------------------------------------------------------------------
 def small_files(peer: LocalPeer, local: Path, count: int, runs: int) -> dict[str, list[float]]:
-    """Files/s creating count 4 KiB files through the drive (every close is a durable commit)
+    """Files/s creating count 4 KiB files through the drive (closes are journaled, then committed in groups)
     against the same loop on local disk (no fsync)."""
     assert peer.mount is not None
     castore, base = [], []

@@ -211,8 +211,9 @@ class Suite:
                               self.p.runs)
         return self._add(figure("small_files", "4 KiB files created through the drive",
                                 "files/s", r["castore"], r["baseline"], "local disk",
-                                note=f"{self.p.small_files} files per run; every castore "
-                                     "close is a durable commit, the baseline has no fsync"))
+                                note=f"{self.p.small_files} files per run; castore closes are "
+                                     "journaled and committed in groups, the baseline has "
+                                     "no fsync"))
 
     def _join(self, c: LocalCluster) -> str:
         j = steps.join_movement(c)
