@@ -195,6 +195,8 @@ def restore_after_kill(c: LocalCluster, victim: int, every: float = 0.2) -> dict
     total = sum(p.chunks() for p in c.peers)
     dead = c.peers[victim]
     lost = dead.stored()
+    if not lost:
+        raise BenchError("the peer to kill holds no data: use a larger --size-mib")
     vid = dead.status()["peer_id"]
     survivors = [p for i, p in enumerate(c.peers) if i != victim]
     line = Timeline()

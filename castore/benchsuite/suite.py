@@ -224,7 +224,10 @@ class Suite:
                                 [], [], note=f"settled in {j['seconds']:.1f} s"))
 
     def _repair(self, c: LocalCluster) -> str:
-        r = steps.restore_after_kill(c, victim=2)
+        # the peer without a drive (p0 and p1 have them) that holds the most data: with little
+        # data a peer can hold none, and then there is nothing to restore
+        victim = max(range(2, len(c.peers)), key=lambda i: c.peers[i].stored())
+        r = steps.restore_after_kill(c, victim=victim)
         self.series["repair"] = r
         raw = statistics.median(self.raw_mb_s)
         ideal = r["lost_bytes"] / (raw * 1e6) if raw else 0.0
