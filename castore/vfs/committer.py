@@ -181,7 +181,7 @@ class Committer:
             journal.mark_applied(t, gen, group[-1].end)
             return out
         try:
-            for c, result in zip(group, self._write(run_all)):
+            for c, result in zip(group, self._write(run_all, idle=True)):
                 c.result = result
             return
         except CastoreError:
@@ -209,9 +209,10 @@ class Committer:
                 except CastoreError:
                     pass
 
-    def _write(self, fn: Callable[[LmdbTxn], T]) -> T:
+    def _write(self, fn: Callable[[LmdbTxn], T], idle: bool = False) -> T:
         """env.write, waiting while the disk is full: the closes stay in the journal (and
-        served from memory) until space returns or the drive stops."""
+        served from memory) until space returns or the drive stops. idle: nothing of this
+        group is visible yet, so readers need not wait while it waits for space."""
         while True:
             try:
                 return self._repo.env.write(fn)
@@ -219,4 +220,8 @@ class Committer:
                 if self._stop:
                     raise
                 log.error("%s; closed files wait in the close journal", exc)
+                if idle:
+                    self.epoch += 1         # even: the rolled-back write changed nothing
                 time.sleep(RETRY_FULL)
+                if idle:
+                    self.epoch += 1

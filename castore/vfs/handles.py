@@ -268,26 +268,33 @@ class FileHandleOps(VfsCore):
 
     def _registered(self, of: OpenFile, was_pending: bool, nid: NodeId, key: bytes) -> None:
         with self._registry():
-            if was_pending:
-                if self._pending.get((of.parent, of.name)) is of:  # type: ignore[arg-type]
-                    del self._pending[(of.parent, of.name)]  # type: ignore[arg-type]
-                self._open.setdefault(nid, of)
-            self._remember(nid, key)
+            self._registered_locked(of, was_pending, nid, key)
+
+    def _registered_locked(self, of: OpenFile, was_pending: bool, nid: NodeId, key: bytes
+                           ) -> None:
+        if was_pending:
+            if self._pending.get((of.parent, of.name)) is of:  # type: ignore[arg-type]
+                del self._pending[(of.parent, of.name)]  # type: ignore[arg-type]
+            self._open.setdefault(nid, of)
+        self._remember(nid, key)
 
     def _landed(self, closing: Closing) -> None:
-        """The committer's callback: a close reached the store (or could not)."""
+        """The committer's callback: a close reached the store (or could not). The open
+        file changes under the registry, so an open deciding whether to share it never sees
+        it change halfway."""
         of = closing.owner
         assert isinstance(of, OpenFile)
-        with of.locked():
-            was_pending = of.node is None
-            if closing.result is not None:
-                nid, key, ref = closing.result
-                of.committed(closing.intent.manifest, key, ref, nid)
-            of.inflight = None
-        if closing.result is not None:
-            self._registered(of, was_pending, closing.result[0], closing.result[1])
-        self._changed()
         with self._registry():
+            with of.locked():
+                was_pending = of.node is None
+                if closing.result is not None:
+                    nid, key, ref = closing.result
+                    of.committed(closing.intent.manifest, key, ref, nid)
+                of.inflight = None
+            if closing.result is not None:
+                self._registered_locked(of, was_pending, closing.result[0],
+                                        closing.result[1])
+            self._changed()
             last = of.handles <= 0
             if last:
                 self._unregister(of)
