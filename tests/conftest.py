@@ -56,3 +56,22 @@ def lmdb_env(tmp_path: Path) -> Iterator[LmdbEnv]:
 @pytest.fixture
 def memory_kv() -> MemoryKv:
     return MemoryKv()
+
+
+@pytest.fixture(scope="module")
+def mounted(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+            ) -> Iterator[object]:
+    """One drive (a `castore daemon --mount` process) for a whole test module: starting one
+    costs seconds. Stopped and unmounted when the module is done."""
+    from fuse_helpers import drive
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    with drive(tmp_path_factory.mktemp(name)) as d:
+        yield d
+
+
+@pytest.fixture
+def here(mounted: object, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory on the module's drive, named after the test."""
+    d = mounted.path(request.node.name[:100])  # type: ignore[attr-defined]
+    d.mkdir()
+    return d

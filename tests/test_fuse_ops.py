@@ -11,28 +11,14 @@ import mmap
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fuse_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Drive, castore,
-                          drive, errname, needs_fuse, oserror, renameat2)
+                          errname, needs_fuse, oserror, renameat2)
 
 pytestmark = [pytest.mark.fuse, needs_fuse, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drive]:
-    with drive(tmp_path_factory.mktemp("fuse-ops")) as d:
-        yield d
-
-
-@pytest.fixture
-def here(mounted: Drive, request: pytest.FixtureRequest) -> Path:
-    d = mounted.path(request.node.name[:100])
-    d.mkdir()
-    return d
 
 
 def test_create_write_read_stat(here: Path) -> None:

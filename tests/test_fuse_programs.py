@@ -11,29 +11,15 @@ import random
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fuse_helpers import Drive, drive, needs_fuse, run
+from fuse_helpers import Drive, needs_fuse, run
 
 pytestmark = [pytest.mark.fuse, needs_fuse, pytest.mark.timeout(300)]
 
 DOC = Path("/usr/share/doc")
-
-
-@pytest.fixture(scope="module")
-def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drive]:
-    with drive(tmp_path_factory.mktemp("fuse-programs")) as d:
-        yield d
-
-
-@pytest.fixture
-def here(mounted: Drive, request: pytest.FixtureRequest) -> Path:
-    d = mounted.path(request.node.name[:100])
-    d.mkdir()
-    return d
 
 
 @pytest.fixture(scope="module")
