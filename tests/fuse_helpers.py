@@ -16,7 +16,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,17 +25,9 @@ from typing import IO, Any
 import pytest
 
 from castore import mounts
+from daemon_helpers import CASTORE  # the entry point of the interpreter running the tests
 
 
-def _castore() -> list[str]:
-    beside = Path(sys.executable).parent / "castore"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("castore")
-    return [found] if found else [sys.executable, "-m", "castore"]
-
-
-CASTORE = _castore()
 START_TIMEOUT = 30.0        # seconds for a daemon to mount (this machine is often busy)
 STOP_TIMEOUT = 20.0
 
