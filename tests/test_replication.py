@@ -312,3 +312,123 @@ def test_membership_is_thread_safe_under_concurrent_merges() -> None:
     for t in threads:
         t.join()
     assert len(ms[0].members()) == 53
+
+
+# -- pushes and repair together; the receiver's pipelined commit ----------------------------
+class Gated(Remote):
+    """A Remote whose pushes wait at a gate, and that records what each target received by
+    push and by pull."""
+
+    gate = threading.Event()
+    log: list[tuple[str, str, ChunkId]] = []
+
+    def put_stored_many(self, items: list[tuple[ChunkId, StoredChunk]]
+                        ) -> tuple[list[ChunkId], list[ChunkId]]:
+        assert Gated.gate.wait(10), "the test never opened the gate"
+        Gated.log.extend(("push", self.peer, c) for c, _ in items)
+        return super().put_stored_many(items)
+
+    def pull(self, items: list[tuple[ChunkId, list[str]]]
+             ) -> tuple[list[ChunkId], list[ChunkId]]:
+        Gated.log.extend(("pull", self.peer, c) for c, _ in items)
+        return super().pull(items)
+
+
+def test_a_chunk_being_pushed_is_left_out_of_repair() -> None:
+    sim = Sim(3, 3, 21)
+    writer = sim.ids[0]
+    Gated.gate.clear()
+    Gated.log = []
+    sim.remote = lambda me, peer: Gated(sim, me, peer)          # type: ignore[method-assign]
+    rep = sim.reps[writer]
+    rep.push_grace = 0.05
+    ids = write(sim, writer, 40, 21)
+    mine = [c for c in ids if sim.view(writer).primary(pg_of(c, BITS)) == writer]
+    assert mine, "the writer is primary of none of the groups: pick another seed"
+    try:
+        rep.reconcile()                          # the pushes are all still at the gate
+        assert not [c for kind, _, c in Gated.log if kind == "pull"], \
+            "repair pulled chunks that were still being pushed"
+    finally:
+        Gated.gate.set()
+    ok, _ = rep.wait_durable(ids, 3, timeout=10)
+    assert ok
+    assert rep.wait_pushed(10)
+    rep.reconcile()
+    sent = [(peer, c) for kind, peer, c in Gated.log]
+    assert len(sent) == len(set(sent)), "a copy travelled twice (push and repair)"
+    assert all(sim.copies(c) == 3 for c in ids)
+
+
+class SlowLocal(MemLocal):
+    """A LocalStore whose commits wait for a signal, recording each commit's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Semaphore(0)
+        self.commits: list[int] = []
+
+    def put_stored_many(self, items: list[tuple[ChunkId, StoredChunk]]
+                        ) -> tuple[list[ChunkId], list[ChunkId]]:
+        assert self.release.acquire(timeout=10), "a commit was never released"
+        self.commits.append(len(items))
+        return super().put_stored_many(items)
+
+
+def _stored(n: int, size: int, seed: int) -> list[tuple[ChunkId, StoredChunk]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        data = rng.randbytes(size)
+        out.append((ChunkId.of(data), StoredChunk(codec.RAW, size, data)))
+    return out
+
+
+def test_received_batches_commit_one_behind_the_stream() -> None:
+    """A batch commits while the next one arrives; at most two batches are held."""
+    local = SlowLocal()
+    rep = Replicator(local, lambda p: None, lambda: None, commit_bytes=4000)  # type: ignore
+    items = _stored(12, 1000, 3)                 # three batches of four
+    yielded = threading.Semaphore(0)
+    consumed: list[int] = []
+
+    def stream() -> Iterator[tuple[ChunkId, StoredChunk]]:
+        for i, item in enumerate(items):
+            consumed.append(i)
+            yielded.release()
+            yield item
+
+    stored: list[ChunkId] = []
+    t = threading.Thread(target=lambda: rep.accept_stream("sender", stream(), stored))
+    t.start()
+    try:
+        for _ in range(8):                       # the first batch commits, the second arrives
+            assert yielded.acquire(timeout=10)
+        assert not yielded.acquire(timeout=0.3), \
+            "the stream ran more than one batch ahead of a commit still under way"
+        assert len(consumed) == 8 and stored == []
+    finally:
+        for _ in range(3):
+            local.release.release()
+        t.join(10)
+    assert not t.is_alive()
+    assert local.commits == [4, 4, 4]
+    assert sorted(stored) == sorted(c for c, _ in items)
+
+
+def test_a_stream_that_breaks_keeps_what_was_committed() -> None:
+    local = MemLocal()
+    rep = Replicator(local, lambda p: None, lambda: None, commit_bytes=4000)  # type: ignore
+    items = _stored(10, 1000, 4)
+
+    def stream() -> Iterator[tuple[ChunkId, StoredChunk]]:
+        yield from items[:6]
+        raise PeerUnavailableError("stream broke")
+
+    stored: list[ChunkId] = []
+    with pytest.raises(PeerUnavailableError):
+        rep.accept_stream("sender", stream(), stored)
+    assert stored == [c for c, _ in items[:4]], "the committed batch was not reported"
+    assert all(local.store.has(c) for c, _ in items[:4])
+    assert not any(local.store.has(c) for c, _ in items[4:]), \
+        "part of a batch that never finished arriving was stored"
