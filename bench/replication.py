@@ -3,7 +3,8 @@
 Measures, in one run: write throughput (`castore add --wait`, W acks, and until every copy is
 placed) at R = 1, 2, 3 against raw gRPC client streaming of 1 MiB messages on loopback; time to
 restore R copies after kill -9 of a peer, in seconds per GiB, split into detection (dead),
-waiting (down-out interval) and transfer; bytes moved when a peer joins against the ideal
+waiting (down-out interval), settling (the repair loop's settle delay and listing, until a
+survivor queues transfers) and transfer; bytes moved when a peer joins against the ideal
 (every copy's share of the newcomer, total / (N + 1)). Also measured in the same run, as
 ceilings the figures meet: the disk's rate of durable commits with the store's LMDB settings
 (16 MiB of 1 MiB values per commit; every peer writes to this one disk, and an R=2 write
@@ -11,6 +12,7 @@ commits two copies before its acknowledgement) and the time of one CLI call (eve
 `add --wait` includes one). Writes bench/results/replication.json and replication.png.
 
     python bench/replication.py --size-mib 256 --runs 3
+    python bench/replication.py --size-mib 1024 --runs 2 --only repair   (replication-partial.*)
 """
 from __future__ import annotations
 
@@ -96,30 +98,33 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
-    rs = [w["R"] for w in result["writes"]]
-    a.bar([f"R={r}\nack" for r in rs], [w["ack_median"] for w in result["writes"]])
-    a.bar([f"R={r}\nplaced" for r in rs], [w["placed_median"] for w in result["writes"]])
-    a.axhline(result["raw_grpc_median"], color="k", ls="--", label="raw gRPC stream")
-    a.axhline(result["disk_sync_median"] / 2, color="r", ls=":",
-              label="disk sync rate / 2 (R=2 commits 2 copies)")
-    a.set_ylabel("MB/s of unique data")
+    if result.get("writes"):
+        rs = [w["R"] for w in result["writes"]]
+        a.bar([f"R={r}\nack" for r in rs], [w["ack_median"] for w in result["writes"]])
+        a.bar([f"R={r}\nplaced" for r in rs], [w["placed_median"] for w in result["writes"]])
+        a.axhline(result["raw_grpc_median"], color="k", ls="--", label="raw gRPC stream")
+        a.axhline(result["disk_sync_median"] / 2, color="r", ls=":",
+                  label="disk sync rate / 2 (R=2 commits 2 copies)")
+        a.set_ylabel("MB/s of unique data")
+        a.legend()
     a.set_title("write throughput")
-    a.legend()
-    rep = result["repair"]
-    parts = ["detection_s", "waiting_s", "transfer_s"]
-    bottom = 0.0
-    for k in parts:
-        v = statistics.median(x[k] for x in rep)
-        b.bar(["kill -9"], [v], bottom=bottom, label=k)
-        bottom += v
-    b.set_ylabel("seconds")
-    b.set_title(f"restore R copies ({result['repair_transfer_s_per_GiB']:.1f} s/GiB transfer)")
-    b.legend()
-    j = result["join"]
-    c.bar(["moved", "ideal"], [statistics.median(x["moved_bytes"] for x in j) / MiB,
-                               statistics.median(x["ideal_bytes"] for x in j) / MiB])
-    c.set_ylabel("MiB")
-    c.set_title(f"bytes moved on join ({result['join_ratio']:.2f}x ideal)")
+    if result.get("repair"):
+        rep = result["repair"]
+        bottom = 0.0
+        for k in ["detection_s", "waiting_s", "settling_s", "transfer_s"]:
+            v = statistics.median(x[k] for x in rep)
+            b.bar(["kill -9"], [v], bottom=bottom, label=k)
+            bottom += v
+        b.set_ylabel("seconds")
+        b.set_title(f"restore R copies ({result['repair_transfer_s_per_GiB']:.1f} s/GiB "
+                    "transfer)")
+        b.legend()
+    if result.get("join"):
+        j = result["join"]
+        c.bar(["moved", "ideal"], [statistics.median(x["moved_bytes"] for x in j) / MiB,
+                                   statistics.median(x["ideal_bytes"] for x in j) / MiB])
+        c.set_ylabel("MiB")
+        c.set_title(f"bytes moved on join ({result['join_ratio']:.2f}x ideal)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -130,6 +135,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--down-out", type=float, default=3.0)
+    ap.add_argument("--only", default="writes,repair,join",
+                    help="comma-separated parts to run: writes, repair, join (default: all); "
+                         "the baselines always run")
     ap.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.raw_server:
@@ -144,33 +152,43 @@ def main() -> None:
             f = tmp / f"data{i}.bin"
             make_random_file(f, size, seed=i + 1)
             data.append(f)
+        parts = set(args.only.split(","))
+        unknown = parts - {"writes", "repair", "join"}
+        if unknown:
+            ap.error(f"unknown part(s) for --only: {', '.join(sorted(unknown))}")
         raw = raw_grpc(procs, free_port(), size, args.runs)
         cli_s = cli_call(procs, tmp, args.runs)
         disk = disk_sync(tmp, 2)             # the disk is shared: sampled before each part
-        ws = [writes(procs, tmp, args.peers, r, data, size) for r in (1, 2, 3)]
-        disk += disk_sync(tmp, 1)
-        repair = [repair_time(procs, tmp, data, args.down_out, i)
-                  for i in range(min(args.runs, 2))]
-        disk += disk_sync(tmp, 1)
-        joins = [join_moves(procs, tmp, data, i) for i in range(min(args.runs, 2))]
         result: dict[str, Any] = {
             "peers": args.peers, "size_bytes": size, "runs": args.runs,
             "raw_grpc_MBps": raw, "raw_grpc_median": statistics.median(raw),
-            "disk_sync_MBps": disk, "disk_sync_median": statistics.median(disk),
-            "cli_call_s": cli_s, "cli_call_median_s": statistics.median(cli_s),
-            "writes": ws, "repair": repair, "join": joins,
-            "repair_transfer_s_per_GiB": statistics.median(r["transfer_s_per_GiB"]
-                                                           for r in repair),
-            "repair_total_s_per_GiB": statistics.median(r["total_s_per_GiB"] for r in repair),
-            "join_ratio": statistics.median(j["ratio"] for j in joins),
-        }
-        for w in ws:
-            w["ratio_to_raw"] = w["ack_median"] / result["raw_grpc_median"]
+            "cli_call_s": cli_s, "cli_call_median_s": statistics.median(cli_s)}
+        if "writes" in parts:
+            ws = [writes(procs, tmp, args.peers, r, data, size) for r in (1, 2, 3)]
+            for w in ws:
+                w["ratio_to_raw"] = w["ack_median"] / result["raw_grpc_median"]
+            result["writes"] = ws
+            disk += disk_sync(tmp, 1)
+        if "repair" in parts:
+            repair = [repair_time(procs, tmp, data, args.down_out, i)
+                      for i in range(min(args.runs, 2))]
+            result["repair"] = repair
+            for k in ("transfer", "total"):
+                result[f"repair_{k}_s_per_GiB"] = statistics.median(
+                    r[f"{k}_s_per_GiB"] for r in repair)
+            disk += disk_sync(tmp, 1)
+        if "join" in parts:
+            joins = [join_moves(procs, tmp, data, i) for i in range(min(args.runs, 2))]
+            result["join"] = joins
+            result["join_ratio"] = statistics.median(j["ratio"] for j in joins)
+        result["disk_sync_MBps"] = disk
+        result["disk_sync_median"] = statistics.median(disk)
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "replication.json").write_text(json.dumps(result, indent=2))
-        plot(result, RESULTS / "replication.png")
+        name = "replication" if parts == {"writes", "repair", "join"} else "replication-partial"
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+        plot(result, RESULTS / f"{name}.png")
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}))
-        for w in ws:
+        for w in result.get("writes", []):
             print(json.dumps({k: w[k] for k in ("R", "ack_median", "placed_median",
                                                   "ratio_to_raw")}))
     finally:

@@ -85,7 +85,8 @@ def test_the_suite_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path) -> 
     for name in ("ingest", "mount_read", "small_files", "write_r2_ack"):
         assert figures[name]["value"] > 0
     timeline = results["series"]["repair"]["timeline"]
-    assert timeline and set(results["series"]["repair"]["events"]) == {"dead", "out", "done"}
+    assert timeline
+    assert set(results["series"]["repair"]["events"]) == {"dead", "out", "started", "done"}
     report = (out / "report.md").read_text()
     for png in ("throughput.png", "repair.png", "latency.png"):
         data = (out / png).read_bytes()

@@ -123,6 +123,7 @@ class LocalPeer:
         r = self._api().status()
         return {"stats": dict(r.stats), "peer_id": r.peer_id,
                 "under_replicated": r.under_replicated, "repair_done": r.repair_done,
+                "repair_pending": r.repair_pending,
                 "replication_queue": r.replication_queue, "live_peers": r.live_peers,
                 "members": r.members}
 

@@ -181,15 +181,20 @@ class Timeline:
     events: dict[str, float] = field(default_factory=dict)
 
 
-def _sample(survivors: list[LocalPeer], pool: ThreadPoolExecutor) -> tuple[int, int]:
+def _sample(survivors: list[LocalPeer], pool: ThreadPoolExecutor) -> tuple[int, int, int]:
+    """(under-replicated chunks, copies held, repair transfers queued or done) over the
+    survivors."""
     rows = list(pool.map(lambda p: p.status(), survivors))
     return (sum(int(r["under_replicated"]) for r in rows),
-            sum(int(r["stats"]["chunks"]) for r in rows))
+            sum(int(r["stats"]["chunks"]) for r in rows),
+            sum(int(r["repair_done"]) + int(r["repair_pending"]) for r in rows))
 
 
 def restore_after_kill(c: LocalCluster, victim: int, every: float = 0.2) -> dict[str, Any]:
     """kill -9 one peer and time until the survivors hold every chunk's copies again, split
-    into detection (dead), waiting (the down-out interval) and transfer; with the timeline of
+    into detection (dead), waiting (the down-out interval), settling (from "out" until a survivor
+    has queued repair transfers: the repair loop's settle delay after a membership change and
+    the listing of holdings) and transfer (from there until every copy is back); with the timeline of
     under-replicated chunks, sampled from the survivors' status every `every` seconds."""
     settle(c)
     total = sum(p.chunks() for p in c.peers)
@@ -198,26 +203,31 @@ def restore_after_kill(c: LocalCluster, victim: int, every: float = 0.2) -> dict
     if not lost:
         raise BenchError("the peer to kill holds no data: use a larger --size-mib")
     vid = dead.status()["peer_id"]
+    lost_copies = dead.chunks()
     survivors = [p for i, p in enumerate(c.peers) if i != victim]
     line = Timeline()
     with ThreadPoolExecutor(len(survivors)) as pool:
+        done_before = _sample(survivors, pool)[2]
         t0 = time.perf_counter()
         dead.kill9(c.procs)
         deadline = t0 + REPAIR_TIMEOUT
         while True:
             now = time.perf_counter() - t0
             try:
-                under, copies = _sample(survivors, pool)
+                under, copies, done = _sample(survivors, pool)
                 state = survivors[0].peer_states().get(vid, "")
             except Exception:               # a busy daemon: try again at the next tick
-                under, copies, state = -1, -1, ""
+                under, copies, done, state = -1, -1, -1, ""
             if under >= 0:
                 line.points.append((round(now, 3), under, copies))
             if state in ("dead", "out"):
                 line.events.setdefault("dead", now)
             if state == "out":
                 line.events.setdefault("out", now)
+            if "out" in line.events and (done > done_before or copies > total - lost_copies):
+                line.events.setdefault("started", now)
             if "out" in line.events and copies >= total:
+                line.events.setdefault("started", now)
                 line.events.setdefault("done", now)
             if "done" in line.events and (under == 0 or now > line.events["done"] + 10):
                 break                      # the count only drops at the next repair pass
@@ -227,9 +237,10 @@ def restore_after_kill(c: LocalCluster, victim: int, every: float = 0.2) -> dict
             time.sleep(every)
     ev = line.events
     gib = lost / GiB
-    transfer = ev["done"] - ev["out"]
+    transfer = ev["done"] - ev["started"]
     return {"lost_bytes": lost, "copies_total": total, "detection_s": ev["dead"],
-            "waiting_s": ev["out"] - ev["dead"], "transfer_s": transfer,
+            "waiting_s": ev["out"] - ev["dead"], "settling_s": ev["started"] - ev["out"],
+            "transfer_s": transfer,
             "total_s": ev["done"],
             "transfer_s_per_GiB": transfer / gib if gib else 0.0,
             "total_s_per_GiB": ev["done"] / gib if gib else 0.0,

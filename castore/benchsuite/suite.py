@@ -234,13 +234,13 @@ class Suite:
         self.figures.append(Figure(
             "repair_transfer", "restore R copies after kill -9: transfer", "s",
             round(r["transfer_s"], 3), round(ideal, 4), "lost bytes at raw gRPC speed", "lower",
-            [], [], note=f"{r['lost_bytes'] / MiB:.1f} MiB lost; from 'out' to every copy "
-                         "back"))
+            [], [], note=f"{r['lost_bytes'] / MiB:.1f} MiB lost; from the first repair transfer "
+                         "queued to every copy back"))
         return self._add(Figure(
             "repair_total", "restore R copies after kill -9: total", "s",
             round(r["total_s"], 3), self.p.down_out, "down-out interval", "lower", [], [],
             note=f"detection {r['detection_s']:.1f} s + waiting {r['waiting_s']:.1f} s + "
-                 f"transfer {r['transfer_s']:.1f} s"))
+                 f"settling {r['settling_s']:.1f} s + transfer {r['transfer_s']:.1f} s"))
 
 
 def in_order(figures: list[Figure]) -> list[Figure]:
