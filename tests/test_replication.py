@@ -44,8 +44,9 @@ class MemLocal:
                 bad.append(cid)
         return ok, bad
 
-    def delete(self, cid: ChunkId) -> None:
-        self.store.delete(cid)
+    def delete_many(self, ids: list[ChunkId]) -> None:
+        for cid in ids:
+            self.store.delete(cid)
 
     def ids(self, after: ChunkId | None = None) -> Iterator[ChunkId]:
         return self.store.ids(after)

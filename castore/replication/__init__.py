@@ -48,7 +48,7 @@ class LocalStore(Protocol):
     def has_many(self, ids: list[ChunkId]) -> list[bool]: ...
     def get_stored(self, cid: ChunkId) -> StoredChunk: ...
     def put_stored_many(self, items: Batch) -> tuple[list[ChunkId], list[ChunkId]]: ...
-    def delete(self, cid: ChunkId) -> None: ...
+    def delete_many(self, ids: list[ChunkId]) -> None: ...
     def ids(self, after: ChunkId | None = None) -> Iterator[ChunkId]: ...
 
 
@@ -491,9 +491,9 @@ class Replicator:
             return done, failed
 
     def handle_drop(self, ids: list[ChunkId]) -> int:
-        """Delete local copies (a referenced manifest stays); returns how many went."""
-        for cid in ids:
-            self.local.delete(cid)
+        """Delete local copies (a referenced manifest stays), in one transaction; returns how
+        many went."""
+        self.local.delete_many(ids)
         return sum(1 for h in self.local.has_many(ids) if not h)
 
     # -- repair and rebalance -------------------------------------------------------------

@@ -120,15 +120,17 @@ class RepoHoldings:
             self.env.write(run)
         return [c for c, _ in ok], rejected
 
-    def delete(self, cid: ChunkId) -> None:
-        """Drop a chunk, or a manifest no namespace version references."""
+    def delete_many(self, ids: list[ChunkId]) -> None:
+        """Drop chunks, and manifests no namespace version references, in one transaction."""
         def run(t: LmdbTxn) -> None:
-            if self.store.delete_in(t, cid):
-                return
-            raw = t.get("manifests", cid.digest)
-            if raw is not None and int.from_bytes(bytes(raw[:_REFS]), "little") == 0:
-                t.delete("manifests", cid.digest)
-        self.env.write(run)
+            for cid in ids:
+                if self.store.delete_in(t, cid):
+                    continue
+                raw = t.get("manifests", cid.digest)
+                if raw is not None and int.from_bytes(bytes(raw[:_REFS]), "little") == 0:
+                    t.delete("manifests", cid.digest)
+        if ids:
+            self.env.write(run)
 
     def ids(self, after: ChunkId | None = None) -> Iterator[ChunkId]:
         """Every chunk and manifest id held, sorted."""
