@@ -83,6 +83,13 @@ class StorageFullError(CastoreError):
     exit_code = 7
 
 
+class LimitError(CastoreError):
+    """A request was refused for being over a cap: a message larger than the size limit, or
+    more of something at once than the other side admits."""
+
+    exit_code = 2
+
+
 class PeerUnavailableError(CastoreError):
     """The daemon or a peer could not be reached in time; the call may be retried."""
 

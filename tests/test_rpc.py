@@ -236,3 +236,32 @@ def test_unknown_path_or_id_is_not_found(stub: pbg.ClientStub) -> None:
         assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
         meta = dict(err.trailing_metadata() or ())
         assert meta.get("castore-error") in ("PathNotFoundError", "ChunkNotFoundError")
+
+
+class _Refused(grpc.RpcError):
+    """A failed call as grpcio reports it, for the error mapping alone."""
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing: tuple[tuple[str, str], ...] = ()) -> None:
+        self._code, self._details, self._trailing = code, details, trailing
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailing
+
+
+def test_resource_exhausted_is_disk_full_only_when_the_daemon_says_so() -> None:
+    from castore.errors import LimitError, StorageFullError
+    from castore.rpc.errors import ERROR_KEY, from_rpc_error
+    tagged = from_rpc_error(_Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "disk full",
+                                     ((ERROR_KEY, "StorageFullError"),)), "put")
+    assert isinstance(tagged, StorageFullError) and tagged.exit_code == 7
+    oversized = from_rpc_error(_Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        "Received message larger than max"), "put")
+    assert isinstance(oversized, LimitError) and not isinstance(oversized, StorageFullError)
+    assert oversized.exit_code == 2 and "larger than max" in str(oversized)

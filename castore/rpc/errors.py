@@ -60,5 +60,7 @@ def from_rpc_error(exc: grpc.RpcError, what: str) -> E.CastoreError:
     if code == grpc.StatusCode.UNAVAILABLE:
         return E.PeerUnavailableError(f"{what}: the daemon is not reachable ({details})")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return E.StorageFullError(f"{what}: {details}")
+        # a full disk is always tagged (abort_on_error); untagged, gRPC refused the size of a
+        # message or the other side refused more work
+        return E.LimitError(f"{what}: refused as over a limit ({details})")
     return E.CastoreError(f"{what} failed: {code.name if code else 'error'}: {details}")
