@@ -90,6 +90,14 @@ class LimitError(CastoreError):
     exit_code = 2
 
 
+class DeadlineError(CastoreError):
+    """An operation did not finish in time: a write waiting too long for the one before it, a
+    file busy for too long, a chunk that did not arrive (slow disk, unreachable peer). On the
+    drive the caller gets ETIMEDOUT."""
+
+    exit_code = 5
+
+
 class PeerUnavailableError(CastoreError):
     """The daemon or a peer could not be reached in time; the call may be retried."""
 

@@ -385,3 +385,36 @@ def test_full_disk_fails_cleanly_and_recovers(tmp_path: Path, mode: str) -> None
             assert run("cat", "/big", home=home, binary=True).stdout == big
             if d is not None:
                 assert d.alive() and "Traceback" not in d.log_text(), d.log_text()
+
+
+def test_a_write_stuck_behind_a_stalled_one_times_out_and_writes_nothing(tmp_path: Path) -> None:
+    """A commit that never finishes (a stalled disk) holds the one writer: the next write
+    gives up with a deadline error after its wait, and the store works once the stall ends."""
+    import threading
+
+    from castore.errors import DeadlineError
+    from castore.store.lmdb import LmdbEnv
+    env = LmdbEnv(tmp_path / "env")
+    try:
+        env.write_wait = 0.5
+        stalled, release = threading.Event(), threading.Event()
+
+        def stall(t: object) -> None:
+            stalled.set()
+            assert release.wait(30)
+        holder = threading.Thread(target=env.write, args=(stall,))
+        holder.start()
+        try:
+            assert stalled.wait(10)
+            started = time.monotonic()
+            with pytest.raises(DeadlineError, match="waited"):
+                env.write(lambda t: t.put("meta", b"test-late", b"1"))
+            assert time.monotonic() - started < 5
+        finally:
+            release.set()
+            holder.join(30)
+        assert env.read(lambda t: t.get("meta", b"test-late")) is None, "the timed-out write landed"
+        env.write(lambda t: t.put("meta", b"test-after", b"1"))
+        assert env.read(lambda t: bytes(t.get("meta", b"test-after"))) == b"1"
+    finally:
+        env.close()

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, TypeVar
 import lmdb
 
 from castore import codec
-from castore.errors import ChunkNotFoundError, RepoError, StorageFullError
+from castore.errors import (ChunkNotFoundError, DeadlineError, RepoError,
+                            StorageFullError)
 from castore.ids import ChunkId
 from castore.store import StoredChunk
 from castore.store.memory import verify
@@ -35,6 +36,7 @@ DBS = ("chunks", "chunkmeta", "manifests", "ops", "opseq", "nodes", "dirents", "
        "meta", "held", "revived")
 DEFAULT_MAP_SIZE = 1 << 40          # sparse: the file grows only to what is used
 MAX_MAP_SIZE = 1 << 44
+WRITE_WAIT = 120.0              # seconds a write waits for the one before it, then DeadlineError
 _META = struct.Struct("<IB")        # raw_len, codec
 _COUNTERS = ("chunks", "raw_bytes", "stored_bytes")
 NEW_IDS = "castore.new_ids"     # txn.cache: ids of chunks and manifests this commit added
@@ -123,6 +125,7 @@ class LmdbEnv:
         self._active = 0
         self._resizing = False
         self._write_mutex = threading.Lock()
+        self.write_wait = WRITE_WAIT
         # called after each durable commit that added chunks or manifests (replication)
         self.on_commit: Callable[[list[ChunkId]], None] | None = None
         self._open()
@@ -174,7 +177,11 @@ class LmdbEnv:
         """Run fn in a write transaction and commit durably. Retries fn after growing the map."""
         if self._readonly:
             raise RepoError("the store is open read-only")
-        with self._write_mutex:
+        if not self._write_mutex.acquire(timeout=self.write_wait):
+            raise DeadlineError(f"a write to {self.path} waited {self.write_wait:.0f} s for the "
+                                "one before it (the disk is stalled or very slow); nothing "
+                                "was written")
+        try:
             while True:
                 grow = False
                 with self._entered():
@@ -215,6 +222,8 @@ class LmdbEnv:
                         raise
                 if grow:
                     self._grow(self.env.info()["map_size"] * 2)
+        finally:
+            self._write_mutex.release()
 
     def _grow(self, new_size: int) -> None:
         if new_size > MAX_MAP_SIZE:

@@ -15,20 +15,13 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Protocol
 
-from castore.errors import CastoreError
+from castore.errors import CastoreError, DeadlineError
 from castore.files import Manifest
 from castore.ids import ChunkId
 
 PREFETCH_BYTES = 8 << 20        # bytes of chunks made ready ahead of a sequential reader
 PREFETCH_MAX = 8                # chunks ahead at most
 READ_TIMEOUT = 60.0             # seconds a read waits for a chunk being fetched
-
-
-class DeadlineError(CastoreError):
-    """An operation on the drive did not finish in time: a file busy for too long, a chunk
-    that did not arrive (slow disk, unreachable peer). The caller gets ETIMEDOUT."""
-
-    exit_code = 5
 
 
 class ChunkSource(Protocol):
