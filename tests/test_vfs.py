@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from castore import chunking
 from castore.errors import ExistsError, NotEmptyError, PathNotFoundError
+from castore.namespace import Namespace
 from castore.ops import Kind
 from castore.repo import IngestItem, Repo
 from castore.vfs import NoAttributeError, NotPermittedError, Vfs
@@ -111,6 +114,29 @@ def test_random_operations_match_a_model(vfs: Vfs) -> None:
         vfs.release(fh)
     for name, buf in model.items():
         assert _read_all(vfs, name) == bytes(buf), f"seed {seed}: {name}"
+
+
+def test_reads_racing_group_commits_find_every_closed_file(vfs: Vfs,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Reads do not wait for a group commit: one whose store snapshot predates a commit that
+    lands while it looks at the open files (a new file gone from those being created, not
+    in its snapshot yet; a rewritten file already showing its new version) reads again."""
+    lookup = Namespace.lookup_view
+
+    def slow_lookup(self: Namespace, *args: Any) -> Any:   # widen the window for a landing
+        time.sleep(0.0003)
+        return lookup(self, *args)
+    monkeypatch.setattr(Namespace, "lookup_view", slow_lookup)
+    for i in range(150):
+        name = f"/f{i % 50}"
+        body = bytes([i % 251]) * (i + 1)
+        h = vfs.create(name, 0o644, os.O_WRONLY | os.O_TRUNC)
+        vfs.write(h.fh, 0, body)
+        vfs.flush(h.fh)
+        vfs.release(h.fh)
+        assert vfs.getattr(name).size == len(body), f"step {i}"
+        assert _read_all(vfs, name) == body, f"step {i}"
 
 
 def test_appends_are_chunked_while_written_exactly_as_whole_file(vfs: Vfs, repo: Repo) -> None:

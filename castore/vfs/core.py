@@ -79,22 +79,27 @@ class VfsCore:
     def _landed(self, closing: Closing) -> None:
         raise NotImplementedError                    # FileHandleOps
 
-    def _stable(self, fn: Callable[[], T]) -> T:
-        """fn() (a read of the store and of the open files together), run again when a
-        group of closes landed meanwhile: its store snapshot may predate that commit while
-        the open files already show it done."""
+    def _stable(self, fn: Callable[[LmdbTxn], T]) -> T:
+        """fn(txn): a read of a store snapshot and of the open files together, run again on
+        a newer snapshot when the open files may already show a commit the snapshot
+        predates (Committer.landing). Never waits for a commit in progress."""
         for _ in range(20):
-            e0 = self._committer.quiet_epoch()
+            snap = 0
+
+            def run(t: LmdbTxn) -> T:
+                nonlocal snap
+                snap = t.txn_id()
+                return fn(t)
             try:
-                out = fn()
+                out = self._env.read(run)
             except CastoreError:
-                if self._committer.epoch == e0:
+                if self._committer.landing_txn <= snap:
                     raise
                 continue
-            if self._committer.epoch == e0:
+            if self._committer.landing_txn <= snap:
                 return out
         self.settle()
-        return fn()
+        return self._env.read(fn)
 
     def settle(self, timeout: float = 60.0) -> None:
         """Wait until every close is committed: before changes to the tree, which must see
@@ -213,15 +218,13 @@ class VfsCore:
                             *self._owner(node, of.attrs))
         if path is None:
             raise PathNotFoundError("no path and no open file")
-        return self._stable(lambda: self._getattr_path(path))
-
-    def _getattr_path(self, path: str | bytes) -> Attr:
-        txn_id, gen = self._txn_id(), self._gen
+        gen = self._gen
         hit = self._stat_cache.get(path)
-        if hit is not None and hit[0] == txn_id and hit[1] == gen:
+        if hit is not None and hit[1] == gen and hit[0] == self._txn_id():
             return hit[2]
 
         def run(t: LmdbTxn) -> Attr:
+            txn_id = t.txn_id()
             target = self._resolve(t, path, txn_id)
             attr = self._attr(t, target)
             if target.of is None and target.node is not None and attr.kind != Kind.DIR:
@@ -229,7 +232,7 @@ class VfsCore:
                     self._stat_cache.clear()
                 self._stat_cache[path] = (txn_id, gen, attr)
             return attr
-        return self._env.read(run)
+        return self._stable(run)
 
     def _txn_id(self) -> int:
         """The last committed transaction (taken before a read, it dates what it finds)."""
@@ -328,7 +331,7 @@ class VfsCore:
                     out.append((n, Kind.FILE, self._attr(t, Target(None, of))
                                 if attrs else None))
             return out
-        return self._stable(lambda: self._env.read(run))
+        return self._stable(run)
 
     def _set_attrs(self, path: str | bytes, attrs: Attrs,
                    check: Callable[[Target], None] | None = None) -> None:
@@ -336,7 +339,7 @@ class VfsCore:
         yet, or unlinked) keeps them with its open state, committed with its content (so
         cp's fchmod/futimens before close cost no commit of their own); otherwise they are
         committed at once."""
-        target = self._stable(lambda: self._env.read(lambda t: self._resolve(t, path)))
+        target = self._stable(lambda t: self._resolve(t, path))
         of = target.of
         if of is not None:
             with of.settled():

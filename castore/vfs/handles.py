@@ -101,21 +101,26 @@ class FileHandleOps(VfsCore):
         """_open_in, again when a group of closes landed between its snapshot of the store
         and its look at the open files (see _stable)."""
         for _ in range(20):
-            epoch = self._committer.quiet_epoch()
-            txn_id = self._txn_id()
+            snap = 0
+
+            def run(t: LmdbTxn) -> tuple[Opened, OpenFile]:
+                nonlocal snap
+                snap = t.txn_id()
+                return self._open_in(t, path, writable, flags, snap)
             try:
-                return self._env.read(lambda t: self._open_in(t, path, writable, flags,
-                                                              txn_id, epoch))
+                return self._env.read(run)
             except _Landed:
                 continue
             except CastoreError:
-                if self._committer.epoch == epoch:
+                if self._committer.landing_txn <= snap:
                     raise
         self.settle()
         return self._env.read(lambda t: self._open_in(t, path, writable, flags))
 
     def _open_in(self, txn: LmdbTxn, path: str | bytes, writable: bool, flags: int,
-                 txn_id: int = 0, epoch: int | None = None) -> tuple[Opened, OpenFile]:
+                 txn_id: int = 0) -> tuple[Opened, OpenFile]:
+        """txn_id: the snapshot's id, to check (once the open files can no longer change)
+        that no commit it predates has started to change them."""
         target = self._resolve(txn, path, txn_id)
         node = target.node
         if node is not None and node.kind == Kind.DIR:
@@ -126,7 +131,7 @@ class FileHandleOps(VfsCore):
             raise NotPermittedError(f"{os.fsdecode(path)} is a conflict copy: copy or rename "
                                     "it to edit it")
         with self._registry():
-            if epoch is not None and self._committer.epoch != epoch:
+            if txn_id and self._committer.landing_txn > txn_id:
                 raise _Landed
             of = target.of if target.version is None else None
             if node is not None and target.version is None:
@@ -260,8 +265,14 @@ class FileHandleOps(VfsCore):
                     of.inflight = closing.done
                     self._changed()
                     return
-            nid, key, ref = self._env.write(
-                lambda t: journal.apply(t, self._ns, self._files, self._store, intent))
+            txn_id = 0
+
+            def run(t: LmdbTxn) -> tuple[NodeId, bytes, bytes]:
+                nonlocal txn_id
+                txn_id = t.txn_id()
+                return journal.apply(t, self._ns, self._files, self._store, intent)
+            nid, key, ref = self._env.write(run)
+            self._committer.landing(txn_id)
             was_pending = of.node is None
             of.committed(built.manifest, key, ref, nid)
         self._registered(of, was_pending, nid, key)

@@ -41,7 +41,7 @@ class XattrOps(VfsCore):
             if value is None:
                 raise NoAttributeError(name)
             return bytes(value)
-        return self._env.read(run)
+        return self._stable(run)
 
     def listxattr(self, path: str | bytes) -> list[str]:
         self.settle()
