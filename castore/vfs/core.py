@@ -140,28 +140,25 @@ class VfsCore:
             hit = self._resolved.get(path)
             if hit is not None and hit[0] == txn_id:
                 return Target(hit[1], self._open.get(hit[1].id), hit[2])
-        target = self._walk(txn, path)
+        target = self._walk(txn, path, txn_id)
         if txn_id and target.node is not None:
             if len(self._resolved) > STAT_CACHE:
                 self._resolved.clear()
             self._resolved[path] = (txn_id, target.node, target.version)
         return target
 
-    def _walk(self, txn: LmdbTxn, path: str | bytes) -> Target:
+    def _walk(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0) -> Target:
         parts = split_path(path)
-        node = self._ns.get(txn, ROOT)
-        assert node is not None
         if not parts:
+            node = self._ns.get(txn, ROOT)
+            assert node is not None
             return Target(node, None)
         last = parts[-1]
         if HIDDEN.match(last):
             of = self._hidden.get(last)
             if of is not None:
                 return Target(None, of, name=last)
-        for part in parts[:-1]:
-            node = self._child_dir(txn, node, part, path)
-        if node.kind != Kind.DIR:
-            raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+        node = self._dir_at(txn, parts[:-1], path, txn_id)
         entry = self._ns.lookup_view(txn, node.id, last)
         if entry is not None:
             child = self._ns.get(txn, entry.node)
@@ -171,6 +168,29 @@ class VfsCore:
         if of is not None:
             return Target(None, of, None, node, last)
         raise PathNotFoundError(f"no such file or directory: {os.fsdecode(path)}")
+
+    def _dir_at(self, txn: LmdbTxn, parts: list[bytes], path: str | bytes,
+                txn_id: int = 0) -> Node:
+        """The directory named by parts (the parents of path). With txn_id (the snapshot's),
+        a directory found in this snapshot before comes from the cache of _resolve: the
+        files of one directory share their parents, and walking them again costs a lookup
+        and a decode per component."""
+        key = b"/".join(parts)
+        if txn_id:
+            hit = self._resolved.get(key)
+            if hit is not None and hit[0] == txn_id:
+                return hit[1]
+        node = self._ns.get(txn, ROOT)
+        assert node is not None
+        for part in parts:
+            node = self._child_dir(txn, node, part, path)
+        if node.kind != Kind.DIR:
+            raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+        if txn_id:
+            if len(self._resolved) > STAT_CACHE:
+                self._resolved.clear()
+            self._resolved[key] = (txn_id, node, None)
+        return node
 
     def _child_dir(self, txn: LmdbTxn, node: Node, part: bytes, path: str | bytes) -> Node:
         if node.kind != Kind.DIR:
@@ -313,7 +333,7 @@ class VfsCore:
         self.settle()           # a listing shows what closes before it did (conflict copies)
 
         def run(t: LmdbTxn) -> list[tuple[bytes, Kind, Attr | None]]:
-            target = self._resolve(t, path)
+            target = self._resolve(t, path, t.txn_id())
             if target.node is None or target.node.kind != Kind.DIR:
                 raise NotDirectoryError(f"{os.fsdecode(path)} is not a directory")
             out: list[tuple[bytes, Kind, Attr | None]] = []
