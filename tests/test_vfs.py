@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -246,6 +247,40 @@ def test_attributes_before_close_ride_with_the_commit(vfs: Vfs, repo: Repo) -> N
     e = repo.stat("/x")
     assert (e.mode, e.mtime_ns, e.xattrs) == (0o755, 1_234_567_890_123_456_789,
                                               {"user.k": b"v"})
+
+
+def test_attribute_changes_show_at_once_and_commit_with_the_next_group(vfs: Vfs, repo: Repo
+                                                                        ) -> None:
+    vfs.mkdir("/d")
+    _write(vfs, "/d/f", b"data")
+    flushed = threading.Event()
+    real = repo.env.write
+
+    def held(fn: Any) -> Any:                      # the next commit waits for the test
+        assert flushed.wait(10)
+        return real(fn)
+    repo.env.write = held                          # type: ignore[method-assign]
+    try:
+        vfs.chmod("/d", 0o700)
+        vfs.utimens("/d/f", 1_600_000_000_000_000_000)
+        vfs.setxattr("/d/f", "user.k", b"v")
+        vfs.chmod("/d/f", 0o600)
+        assert vfs.getattr("/d").mode == 0o700
+        assert (vfs.getattr("/d/f").mode, vfs.getattr("/d/f").mtime_ns) == \
+            (0o600, 1_600_000_000_000_000_000)
+        assert vfs.getxattr("/d/f", "user.k") == b"v"
+        with pytest.raises(ExistsError):
+            vfs.setxattr("/d/f", "user.k", b"w", 1)         # XATTR_CREATE sees it
+        assert repo.stat("/d").mode == 0o755                # not committed yet
+    finally:
+        flushed.set()
+    vfs.settle()
+    repo.env.write = real                          # type: ignore[method-assign]
+    e = repo.stat("/d/f")
+    assert (repo.stat("/d").mode, e.mode, e.mtime_ns, e.xattrs) == \
+        (0o700, 0o600, 1_600_000_000_000_000_000, {"user.k": b"v"})
+    assert (vfs.getattr("/d/f").mode, vfs.getattr("/d").mode) == (0o600, 0o700)
+    assert [(n, a.mode) for n, a in vfs.readdir_attrs("/d")] == [(b"f", 0o600)]
 
 
 def test_xattr_rules(vfs: Vfs) -> None:

@@ -55,6 +55,13 @@ class Closing:
         return self.result
 
 
+@dataclass(frozen=True, slots=True)
+class AttrChange:
+    """The owner of a journaled attribute change (Intent.of_attrs) of a committed node."""
+
+    node: NodeId
+
+
 class Committer:
     """Commits closed files in groups, in the order they were closed. on_landed(closing)
     runs on the committer thread after each commit (or failure) of a close."""

@@ -7,6 +7,7 @@ Imports no FUSE code.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -25,13 +26,15 @@ from castore.ops import Attrs, Kind, Node, int_attr, split_path
 from castore.repo import Repo
 from castore.store.lmdb import LmdbTxn
 from castore.store.readahead import Readahead
-from castore.vfs.committer import Closing, Committer
+from castore.journal import Intent
+from castore.vfs.committer import AttrChange, Closing, Committer
 from castore.vfs.openfile import FileServices, OpenFile
 from castore.vfs.readcache import Budget, DeadlineError
 from castore.vfs.source import StoreSource
 from castore.vfs.types import HIDDEN, Attr, Handle, Target, apply_attrs, overlaid
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 REGISTRY_TIMEOUT = 10.0
 NLINK_TTL = 1.0                 # seconds a directory's subdirectory count is cached
@@ -73,6 +76,11 @@ class VfsCore:
         self._stat_cache: dict[str | bytes, tuple[int, int, Attr]] = {}
         self._resolved: dict[str | bytes, tuple[int, Node, bytes | None]] = {}
         self._gen = 0
+        # attribute changes of committed nodes in the close journal, not committed yet:
+        # node -> (changes queued, the attributes they set); shown by _overlay
+        self._attrs_pending: dict[NodeId, tuple[int, Attrs]] = {}
+        self._attrs_order = threading.Lock()    # journal order = the order they show in
+        self._attrs_mutex = threading.Lock()    # _attrs_pending; held only briefly
         self._committer = Committer(repo, self._landed)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -232,8 +240,8 @@ class VfsCore:
             h = self._handles.get(fh)
             if h is not None:
                 of, nid = h.of, h.of.node
-                node = self._env.read(lambda t: self._ns.get(t, nid)) if nid is not None \
-                    else None
+                node = self._overlay(self._env.read(lambda t: self._ns.get(t, nid))) \
+                    if nid is not None else None
                 return Attr(Kind.FILE, of.mode, of.size, of.mtime_ns, 0 if of.unlinked else 1,
                             *self._owner(node, of.attrs))
         if path is None:
@@ -262,8 +270,31 @@ class VfsCore:
         """Open-file state changed without a commit: cached stat results are void."""
         self._gen += 1
 
+    def _overlay(self, node: Node | None) -> Node | None:
+        """node with the attribute changes still on their way to the store applied (a copy:
+        nodes read from the store are shared)."""
+        if node is None or not self._attrs_pending:
+            return node
+        pending = self._attrs_pending.get(node.id)
+        if pending is None:
+            return node
+        attrs = dict(node.attrs)
+        attrs.update((k, (b"", v)) for k, v in pending[1].items())
+        return Node(node.id, node.kind, node.parent, node.name, node.move_key, attrs,
+                    node.heads)
+
+    def _attrs_landed(self, nid: NodeId) -> None:
+        """A journaled attribute change of nid is committed (or failed)."""
+        with self._attrs_mutex:
+            count, attrs = self._attrs_pending.get(nid, (1, {}))
+            if count <= 1:
+                self._attrs_pending.pop(nid, None)
+            else:
+                self._attrs_pending[nid] = (count - 1, attrs)
+            self._changed()
+
     def _attr(self, txn: LmdbTxn, target: Target) -> Attr:
-        node, of = target.node, target.of
+        node, of = self._overlay(target.node), target.of
         if node is None or (of is not None and (of.dirty or of.unlinked)):
             assert of is not None
             owner = node if node is not None else None
@@ -357,8 +388,10 @@ class VfsCore:
                    check: Callable[[Target], None] | None = None) -> None:
         """Apply attributes to a path. A file with uncommitted writes (or not committed
         yet, or unlinked) keeps them with its open state, committed with its content (so
-        cp's fchmod/futimens before close cost no commit of their own); otherwise they are
-        committed at once."""
+        cp's fchmod/futimens before close cost no commit of their own). Otherwise the
+        change goes to the close journal like a close (it survives the daemon being
+        killed), shows here at once, and is committed with the next group: tar x sets the
+        times, owner and mode of every directory after filling it."""
         target = self._stable(lambda t: self._resolve(t, path))
         of = target.of
         if of is not None:
@@ -369,16 +402,27 @@ class VfsCore:
                     apply_attrs(of, attrs)
                     self._changed()
                     return
-
-        def run(t: LmdbTxn) -> Target:
-            target = self._resolve(t, path)
-            if check is not None:
-                check(target)
+        with self._attrs_order:
+            target = self._stable(lambda t: self._resolve(t, path))
             if target.node is None:
                 raise PathNotFoundError(f"{os.fsdecode(path)} is being created: try again")
-            self._ns.set_attrs(t, target.node, attrs)
-            return target
-        target = self._env.write(run)
+            if check is not None:
+                check(Target(self._overlay(target.node), target.of, target.version,
+                             target.parent, target.name))
+            nid, node = target.node.id, target.node
+            with self._attrs_mutex:         # shown before it can land
+                count, pending = self._attrs_pending.get(nid, (0, {}))
+                self._attrs_pending[nid] = (count + 1, {**pending, **attrs})
+            self._changed()
+            try:
+                self._committer.submit(Intent.of_attrs(nid, attrs), AttrChange(nid))
+            except CastoreError as exc:     # e.g. disk full: commit now, and say so
+                log.info("committing an attribute change directly: %s", exc)
+                try:
+                    self._env.write(lambda t: self._ns.set_attrs(
+                        t, self._ns.get(t, nid) or node, attrs))
+                finally:
+                    self._attrs_landed(nid)
         if target.of is not None:
             apply_attrs(target.of, attrs, keep=False)
 

@@ -14,9 +14,9 @@ from castore.files import EMPTY, EMPTY_REF, content_id
 from castore.ids import ChunkId, NodeId
 from castore import journal
 from castore.journal import Intent
-from castore.ops import Kind
+from castore.ops import Kind, Node
 from castore.store.lmdb import LmdbTxn
-from castore.vfs.committer import Closing
+from castore.vfs.committer import AttrChange, Closing
 from castore.vfs.core import VfsCore
 from castore.vfs.openfile import OpenFile
 from castore.vfs.readcache import DeadlineError
@@ -148,7 +148,7 @@ class FileHandleOps(VfsCore):
                     self._files.manifest_for(txn, head.manifest, head.size)
                 of = OpenFile(self._svc, node.id, manifest, head_key,
                               bytes(head.manifest) if head is not None else EMPTY_REF,
-                              node.attr_int(b"mode", 0o644), node.attr_int(b"mtime"))
+                              *self._mode_mtime(node))
                 if target.version is None:
                     self._open[node.id] = of
             opened = self._new_handle(of, flags)
@@ -157,6 +157,11 @@ class FileHandleOps(VfsCore):
                 keep = self._kernel.get(of.node) == of.base_key
                 self._remember(of.node, of.base_key)
             return Opened(opened.fh, keep), of
+
+    def _mode_mtime(self, node: Node) -> tuple[int, int]:
+        shown = self._overlay(node)
+        assert shown is not None
+        return shown.attr_int(b"mode", 0o644), shown.attr_int(b"mtime")
 
     def _remember(self, nid: NodeId, key: bytes | None) -> None:
         self._kernel[nid] = key
@@ -205,6 +210,8 @@ class FileHandleOps(VfsCore):
         (DESIGN.md section 5); DeadlineError if that is not confirmed within FSYNC_TIMEOUT."""
         of = self._handle(fh).of
         self._commit(of)
+        if of.node is not None and of.node in self._attrs_pending:
+            self.settle()                   # its attribute changes too
         if self.repo.durability is not None and of.size and not of.unlinked:
             ok, w, copies = self.repo.wait_durable([content_id(of.base_ref)], FSYNC_TIMEOUT)
             if not ok:
@@ -294,6 +301,11 @@ class FileHandleOps(VfsCore):
         file changes under the registry, so an open deciding whether to share it never sees
         it change halfway."""
         of = closing.owner
+        if isinstance(of, AttrChange):
+            if closing.error is not None:
+                log.warning("an attribute change could not be committed: %s", closing.error)
+            self._attrs_landed(of.node)
+            return
         assert isinstance(of, OpenFile)
         with self._registry():
             with of.locked():
