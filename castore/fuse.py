@@ -351,6 +351,14 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         return int(self.operations.read_into(_buffer(buf, size), offset, fip.contents.fh))
 
+    def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
+        """Only user.* attributes exist: the others are refused here, without a trip
+        through the vfs and an exception (the kernel asks for security.capability before
+        every write to a file)."""
+        if not name.startswith(b"user."):
+            return -errno.ENODATA
+        return int(super().getxattr(path, name, value, size, *args))
+
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any,
                        flags: int) -> int:
         """Entries with offsets, so that libfuse 3.14 sends READDIRPLUS attributes (in its

@@ -319,6 +319,7 @@ def test_xattrs(mounted: Drive, here: Path) -> None:
     assert oserror(os.setxattr, p, "user.castore.id", b"x") == errno.EPERM
     assert oserror(os.setxattr, p, "trusted.x", b"x") in (errno.ENOTSUP, errno.EPERM)
     assert oserror(os.getxattr, p, "user.nothing") == errno.ENODATA
+    assert oserror(os.getxattr, p, "security.capability") == errno.ENODATA
     os.removexattr(p, "user.color")
     assert oserror(os.getxattr, p, "user.color") == errno.ENODATA
     assert oserror(os.removexattr, p, "user.color") == errno.ENODATA
