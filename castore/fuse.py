@@ -144,6 +144,11 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         return _stat(self._vfs.getattr(path, _fh(fh)))
 
     @_translated
+    def attr(self, path: str | None, fh: int | None) -> Attr:
+        """getattr as an Attr (_Fuse fills libfuse's struct stat from it)."""
+        return self._vfs.getattr(path, fh)
+
+    @_translated
     def readdir(self, path: str, fh: Any) -> list[Any]:
         out: list[Any] = [".", ".."]
         for name, kind in self._vfs.readdir(path):
@@ -350,6 +355,29 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         return int(self.operations.read_into(_buffer(buf, size), offset, fip.contents.fh))
+
+    def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        """stat, the most frequent request: the struct is filled from the Attr directly
+        (mfusepy goes through a dict), and a missing path is returned as ENOENT rather than
+        raised through mfusepy (each new name a program creates is looked up first)."""
+        fh = int(fip.contents.fh) if fip else None
+        try:
+            a = self.operations.attr(None if path is None else
+                                     path.decode(self.encoding, self.errors), fh)
+        except mfusepy.FuseOSError as exc:
+            return -int(exc.errno or errno.EIO)
+        ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
+        st = buf.contents
+        st.st_mode = _TYPE[a.kind] | a.mode
+        st.st_nlink = a.nlink
+        st.st_size = a.size
+        st.st_uid, st.st_gid = a.uid, a.gid
+        st.st_blocks = (a.size + 511) // 512
+        st.st_blksize = BLKSIZE
+        sec, nsec = divmod(a.mtime_ns, 10**9)
+        for ts in (st.st_atimespec, st.st_mtimespec, st.st_ctimespec):
+            ts.tv_sec, ts.tv_nsec = sec, nsec
+        return 0
 
     def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
         """Only user.* attributes exist: the others are refused here, without a trip
