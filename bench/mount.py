@@ -3,6 +3,7 @@ in the same run: sequential write and read of a large file (cold and warm, incom
 compressible), creating many small files, and tar x / tar c of a source tree.
 
     sudo /tmp/venv/bin/python bench/mount.py [--size 1024] [--runs 3] [--files 10000]
+                                             [--only seq,creates,tar]
 
 Writes bench/results/mount.json and mount.png and prints one JSON line per figure. Cold reads
 drop the page cache (echo 3 > /proc/sys/vm/drop_caches, root) for castore and the baseline
@@ -39,6 +40,17 @@ TARGETS = {           # DESIGN targets on this 2-core machine (see the issue)
     "seq_read_cold_incompressible": ("MB/s", 900), "seq_write_incompressible": ("MB/s", 350),
     "seq_write_compressible": ("MB/s", 350), "creates_4k": ("files/s", 1500),
     "tar_c": ("files/s", 7000)}
+
+
+PARTS = ("seq", "creates", "tar")     # the groups of figures --only can pick
+
+
+def parts(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in PARTS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"--only takes some of {','.join(PARTS)}")
+    return out
 
 
 class Daemon:
@@ -187,9 +199,10 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     drive.start()
     cold_ok = drop_caches()
     size = args.size * MiB
+    only = set(args.only)
     try:
-        base = compressible_base(size)
-        for kind in ("incompressible", "compressible"):
+        base = compressible_base(size) if "seq" in only else b""
+        for kind in ("incompressible", "compressible") if "seq" in only else ():
             w_c, w_b, r_cold_c, r_cold_b, r_warm_c, r_warm_b = [], [], [], [], [], []
             for run in range(args.runs):
                 data = memoryview(make_data(kind, size, run, base))
@@ -215,14 +228,20 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             figs.add(f"seq_read_warm_{kind}", "MB/s", r_warm_c, r_warm_b, "second read")
         del base
         c_c, c_b, c_bd = [], [], []
-        for run in range(args.runs):
+        for run in range(args.runs if "creates" in only else 0):
             c_c.append(args.files / creates(drive.mnt / f"many-{run}", args.files, False))
             c_b.append(args.files / creates(local / f"many-{run}", args.files, False))
             c_bd.append(args.files / creates(local / f"many-sync-{run}", min(args.files, 2000),
                                              True) * min(args.files, 2000) / args.files)
-        figs.add("creates_4k", "files/s", c_c, c_b,
-                 "create, write 4 KiB, close; castore closes are journaled and committed in groups; "
-                 "baseline without fsync", baseline_fsync=round(statistics.median(c_bd), 1))
+        if c_c:
+            figs.add("creates_4k", "files/s", c_c, c_b,
+                     "create, write 4 KiB, close; castore closes are journaled and committed in "
+                     "groups; baseline without fsync",
+                     baseline_fsync=round(statistics.median(c_bd), 1))
+        if "tar" not in only:
+            return {"machine": machine(), "size_mib": args.size, "runs": args.runs,
+                    "files": args.files, "caches_dropped": cold_ok, "only": sorted(only),
+                    "figures": figs.items}
         archive = work / "tree.tar"
         subprocess.run(["tar", "cf", str(archive), "-C", args.tree, "."], check=True)
         entries = count_entries(Path(args.tree))
@@ -244,7 +263,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     finally:
         drive.stop()
     return {"machine": machine(), "size_mib": args.size, "runs": args.runs,
-            "files": args.files, "caches_dropped": cold_ok, "figures": figs.items}
+            "files": args.files, "caches_dropped": cold_ok, "only": sorted(only),
+            "figures": figs.items}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -282,16 +302,23 @@ def main() -> int:
     p.add_argument("--files", type=int, default=10_000, help="small files to create")
     p.add_argument("--tree", default="/usr/share/doc", help="source tree for tar x / tar c")
     p.add_argument("--dir", default=None, help="work directory (default: a temp dir in /tmp)")
+    p.add_argument("--only", default=",".join(PARTS), type=parts,
+                   help=f"comma-separated figures to measure, of {','.join(PARTS)} (default: "
+                        "all); a partial run writes mount-ONLY.json instead of mount.json")
+    p.add_argument("--out", default=None, help="name of the result files (default: mount, "
+                   "or mount-ONLY for a partial run)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="castore-bench-mount-", dir=args.dir))
     try:
         result = bench(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    name = args.out or ("mount" if set(args.only) == set(PARTS) else
+                        "mount-" + "-".join(sorted(args.only)))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json("mount", result)
-    plot(result, RESULTS / "mount.png")
-    print(f"wrote {RESULTS / 'mount.json'} and {RESULTS / 'mount.png'}", file=sys.stderr)
+    write_json(name, result)
+    plot(result, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / (name + '.json')} and {RESULTS / (name + '.png')}", file=sys.stderr)
     return 0
 
 

@@ -49,13 +49,15 @@ POSITION_KEY = b"journal"               # in the store's meta table
 MAX_RECORD = 64 << 20
 _HAS_NODE = 1
 _HAS_BASE = 2
+_ATTRS_ONLY = 4
 
 
 @dataclass(slots=True)
 class Intent:
     """One closed file to commit: its new content (the manifest, and the chunks not stored
     yet), where it goes (its node, or a parent and name for a file created here), the version
-    it replaces, and its attributes."""
+    it replaces, and its attributes. With attrs_only, a change of attributes of a committed
+    node (chmod, chown, utimens, xattrs): no content, no new version."""
 
     manifest: Manifest
     prepared: list[Prepared]
@@ -66,10 +68,15 @@ class Intent:
     mode: int
     mtime_ns: int
     attrs: Attrs = field(default_factory=dict)
+    attrs_only: bool = False
+
+    @classmethod
+    def of_attrs(cls, node: NodeId, attrs: Attrs) -> Intent:
+        return cls(Manifest((), ()), [], node, None, b"", None, 0, 0, dict(attrs), True)
 
     def encode(self) -> bytes:
         flags = (_HAS_NODE if self.node is not None else 0) | \
-            (_HAS_BASE if self.base_key else 0)
+            (_HAS_BASE if self.base_key else 0) | (_ATTRS_ONLY if self.attrs_only else 0)
         base = self.base_key or b""
         parts = [_BODY.pack(flags, self.node.raw if self.node else b"",
                             self.parent.raw if self.parent else b"", len(self.name),
@@ -99,14 +106,23 @@ class Intent:
         return cls(Manifest.decode(body[pos:]), prepared,
                    NodeId(node) if flags & _HAS_NODE else None,
                    None if flags & _HAS_NODE else NodeId(parent), name,
-                   base[:base_len] if flags & _HAS_BASE else None, mode, mtime, attrs)
+                   base[:base_len] if flags & _HAS_BASE else None, mode, mtime, attrs,
+                   bool(flags & _ATTRS_ONLY))
 
 
 def apply(txn: LmdbTxn, ns: Namespace, files: Files, store: LmdbStore, intent: Intent
           ) -> tuple[NodeId, bytes, bytes]:
     """Commit one closed file inside txn: its chunks, its manifest and the namespace op.
     Returns (node, version key, content ref). Raises PathNotFoundError when the file or the
-    directory of a new file went away meanwhile, ExistsError when a directory took its name."""
+    directory of a new file went away meanwhile, ExistsError when a directory took its name.
+    An attrs_only intent sets the attributes of its node (version key and ref are empty)."""
+    if intent.attrs_only:
+        assert intent.node is not None
+        target = ns.get(txn, intent.node)
+        if target is None:
+            raise PathNotFoundError("a node was removed before its attributes were committed")
+        ns.set_attrs(txn, target, intent.attrs)
+        return target.id, b"", b""
     for p in intent.prepared:
         store.put_encoded_in(txn, p.cid, p.raw_len, p.codec, p.stored)
     ref = files.put_content_in(txn, intent.manifest)

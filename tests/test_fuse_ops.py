@@ -10,6 +10,7 @@ import json
 import mmap
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -143,6 +144,26 @@ def test_chmod_and_utimens(here: Path) -> None:
     os.utime(p)                                             # "touch": now
     assert p.stat().st_mtime_ns >= before - 10**9
     assert p.read_bytes() == b"data"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's view of permissions")
+def test_permissions_as_root_on_a_local_file_system(here: Path) -> None:
+    """The drive leaves root's permission checks to itself (no default_permissions on a
+    root-only mount): root reads and writes whatever the mode, and runs only files with an
+    x bit, as on a local file system."""
+    p = here / "script"
+    p.write_bytes(b"#!/bin/sh\nexit 0\n")
+    os.chmod(p, 0o444)
+    with open(p, "ab") as f:                                # root writes a read-only file
+        f.write(b"# more\n")
+    os.chmod(p, 0o000)
+    assert p.read_bytes().endswith(b"# more\n")
+    assert os.access(p, os.R_OK | os.W_OK) and not os.access(p, os.X_OK)
+    assert oserror(subprocess.run, [str(p)]) == errno.EACCES
+    os.chmod(p, 0o100)
+    assert os.access(p, os.X_OK)
+    assert subprocess.run([str(p)]).returncode == 0
+    assert os.access(here, os.X_OK | os.W_OK)
 
 
 def test_truncate_and_ftruncate(here: Path) -> None:
@@ -298,6 +319,7 @@ def test_xattrs(mounted: Drive, here: Path) -> None:
     assert oserror(os.setxattr, p, "user.castore.id", b"x") == errno.EPERM
     assert oserror(os.setxattr, p, "trusted.x", b"x") in (errno.ENOTSUP, errno.EPERM)
     assert oserror(os.getxattr, p, "user.nothing") == errno.ENODATA
+    assert oserror(os.getxattr, p, "security.capability") == errno.ENODATA
     os.removexattr(p, "user.color")
     assert oserror(os.getxattr, p, "user.color") == errno.ENODATA
     assert oserror(os.removexattr, p, "user.color") == errno.ENODATA

@@ -8,8 +8,9 @@ import os
 from castore import journal
 from castore.config import Config
 from castore.files import Manifest, prepare
-from castore.ids import ROOT
+from castore.ids import ROOT, NodeId
 from castore.journal import Intent, Journal
+from castore.ops import int_attr
 from castore.repo import Repo
 
 
@@ -94,3 +95,22 @@ def test_a_close_whose_directory_went_away_is_dropped_not_fatal(repo_config: Con
     repo.close()
     with Repo.open(repo_config) as repo:
         assert [e.name for e in repo.listdir("/")] == ["g"]
+
+
+def test_attribute_changes_left_in_the_journal_are_committed_at_open(repo_config: Config
+                                                                      ) -> None:
+    repo = Repo.init(repo_config)
+    repo.mkdir("/d")
+    node = repo.env.read(lambda t: repo.ns.resolve(t, "/d"))
+    jnl = repo.close_journal()
+    change = Intent.of_attrs(node.id, {b"mode": int_attr(0o700), b"mtime": int_attr(12345),
+                                       b"x:user.k": b"v"})
+    back = Intent.decode(change.encode())
+    assert (back.attrs_only, back.node, back.attrs) == (True, node.id, change.attrs)
+    jnl.append(change)
+    jnl.append(Intent.of_attrs(NodeId.random(), {b"mode": int_attr(0o600)}))   # gone: dropped
+    repo.close()
+    with Repo.open(repo_config) as repo:
+        e = repo.stat("/d")
+        assert (e.mode, e.mtime_ns, e.xattrs) == (0o700, 12345, {"user.k": b"v"})
+        assert Journal(repo_config.journal_path).empty

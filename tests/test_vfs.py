@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from castore import chunking
 from castore.errors import ExistsError, NotEmptyError, PathNotFoundError
+from castore.namespace import Namespace
 from castore.ops import Kind
 from castore.repo import IngestItem, Repo
 from castore.vfs import NoAttributeError, NotPermittedError, Vfs
@@ -111,6 +115,29 @@ def test_random_operations_match_a_model(vfs: Vfs) -> None:
         vfs.release(fh)
     for name, buf in model.items():
         assert _read_all(vfs, name) == bytes(buf), f"seed {seed}: {name}"
+
+
+def test_reads_racing_group_commits_find_every_closed_file(vfs: Vfs,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Reads do not wait for a group commit: one whose store snapshot predates a commit that
+    lands while it looks at the open files (a new file gone from those being created, not
+    in its snapshot yet; a rewritten file already showing its new version) reads again."""
+    lookup = Namespace.lookup_view
+
+    def slow_lookup(self: Namespace, *args: Any) -> Any:   # widen the window for a landing
+        time.sleep(0.0003)
+        return lookup(self, *args)
+    monkeypatch.setattr(Namespace, "lookup_view", slow_lookup)
+    for i in range(150):
+        name = f"/f{i % 50}"
+        body = bytes([i % 251]) * (i + 1)
+        h = vfs.create(name, 0o644, os.O_WRONLY | os.O_TRUNC)
+        vfs.write(h.fh, 0, body)
+        vfs.flush(h.fh)
+        vfs.release(h.fh)
+        assert vfs.getattr(name).size == len(body), f"step {i}"
+        assert _read_all(vfs, name) == body, f"step {i}"
 
 
 def test_appends_are_chunked_while_written_exactly_as_whole_file(vfs: Vfs, repo: Repo) -> None:
@@ -220,6 +247,40 @@ def test_attributes_before_close_ride_with_the_commit(vfs: Vfs, repo: Repo) -> N
     e = repo.stat("/x")
     assert (e.mode, e.mtime_ns, e.xattrs) == (0o755, 1_234_567_890_123_456_789,
                                               {"user.k": b"v"})
+
+
+def test_attribute_changes_show_at_once_and_commit_with_the_next_group(vfs: Vfs, repo: Repo
+                                                                        ) -> None:
+    vfs.mkdir("/d")
+    _write(vfs, "/d/f", b"data")
+    flushed = threading.Event()
+    real = repo.env.write
+
+    def held(fn: Any) -> Any:                      # the next commit waits for the test
+        assert flushed.wait(10)
+        return real(fn)
+    repo.env.write = held                          # type: ignore[method-assign]
+    try:
+        vfs.chmod("/d", 0o700)
+        vfs.utimens("/d/f", 1_600_000_000_000_000_000)
+        vfs.setxattr("/d/f", "user.k", b"v")
+        vfs.chmod("/d/f", 0o600)
+        assert vfs.getattr("/d").mode == 0o700
+        assert (vfs.getattr("/d/f").mode, vfs.getattr("/d/f").mtime_ns) == \
+            (0o600, 1_600_000_000_000_000_000)
+        assert vfs.getxattr("/d/f", "user.k") == b"v"
+        with pytest.raises(ExistsError):
+            vfs.setxattr("/d/f", "user.k", b"w", 1)         # XATTR_CREATE sees it
+        assert repo.stat("/d").mode == 0o755                # not committed yet
+    finally:
+        flushed.set()
+    vfs.settle()
+    repo.env.write = real                          # type: ignore[method-assign]
+    e = repo.stat("/d/f")
+    assert (repo.stat("/d").mode, e.mode, e.mtime_ns, e.xattrs) == \
+        (0o700, 0o600, 1_600_000_000_000_000_000, {"user.k": b"v"})
+    assert (vfs.getattr("/d/f").mode, vfs.getattr("/d").mode) == (0o600, 0o700)
+    assert [(n, a.mode) for n, a in vfs.readdir_attrs("/d")] == [(b"f", 0o600)]
 
 
 def test_xattr_rules(vfs: Vfs) -> None:

@@ -98,6 +98,11 @@ class LmdbTxn:
     def count(self, name: str, delta: int) -> None:
         self.counters[name] = self.counters.get(name, 0) + delta
 
+    def txn_id(self) -> int:
+        """LMDB's id of this transaction: for a read, the commit its snapshot shows; for a
+        write, the id its commit will have. Ids grow with every commit."""
+        return int(self._txn.id())
+
 
 def _is_disk_full(exc: lmdb.Error) -> bool:
     text = str(exc)

@@ -55,6 +55,13 @@ class Closing:
         return self.result
 
 
+@dataclass(frozen=True, slots=True)
+class AttrChange:
+    """The owner of a journaled attribute change (Intent.of_attrs) of a committed node."""
+
+    node: NodeId
+
+
 class Committer:
     """Commits closed files in groups, in the order they were closed. on_landed(closing)
     runs on the committer thread after each commit (or failure) of a close."""
@@ -67,10 +74,9 @@ class Committer:
         self._queue: deque[Closing] = deque()
         self._busy = 0                      # closes queued or being committed
         self._keep = False                  # a close could not commit for lack of space
-        # odd while a group commits and the open files catch up: a reader whose snapshot
-        # of the store and look at the open files straddle that sees the epoch move, and
-        # reads again
-        self.epoch = 0
+        # the LMDB transaction of the newest commit whose open files have started to change
+        # (see landing()): a reader whose snapshot is older reads again
+        self.landing_txn = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="castore-vfs-commit",
                                         daemon=True)
@@ -109,14 +115,15 @@ class Committer:
                 self._cond.wait(min(left, 0.5))
         return True
 
-    def quiet_epoch(self, timeout: float = 5.0) -> int:
-        """The epoch once no group is landing (waits for the one landing now)."""
-        deadline = time.monotonic() + timeout
-        e = self.epoch
-        while e & 1 and time.monotonic() < deadline:
-            time.sleep(0.0002)
-            e = self.epoch
-        return e
+    def landing(self, txn_id: int) -> None:
+        """The commit txn_id is durable and the open files are about to show it. Readers
+        look at a snapshot of the store and at the open files, without a lock between the
+        two: one whose snapshot predates txn_id may find the open files already past it (a
+        new file gone from the files being created, but not in its snapshot yet), so it
+        compares its snapshot with landing_txn afterwards and reads again (see
+        VfsCore._stable). No reader waits for a commit."""
+        if txn_id > self.landing_txn:
+            self.landing_txn = txn_id
 
     @property
     def busy(self) -> int:
@@ -152,17 +159,13 @@ class Committer:
                 if self._stop:
                     return
                 continue
-            self.epoch += 1
-            try:
-                self._commit(group)
-                for c in group:
-                    try:
-                        self._on_landed(c)
-                    except Exception:  # the drive's bookkeeping must not stop the committer
-                        log.exception("after committing a closed file")
-                    c.done.set()
-            finally:
-                self.epoch += 1
+            self.landing(self._commit(group))
+            for c in group:
+                try:
+                    self._on_landed(c)
+                except Exception:  # the drive's bookkeeping must not stop the committer
+                    log.exception("after committing a closed file")
+                c.done.set()
             with self._cond:
                 self._busy -= len(group)
                 if not self._busy and not self._keep:
@@ -172,29 +175,35 @@ class Committer:
                         log.error("%s", exc)
                 self._cond.notify_all()
 
-    def _commit(self, group: list[Closing]) -> None:
+    def _commit(self, group: list[Closing]) -> int:
+        """Commit the group; returns the id of the last LMDB transaction it committed."""
         repo = self._repo
         gen = self._journal.generation
+        last = 0
 
         def run_all(t: LmdbTxn) -> list[tuple[NodeId, bytes, bytes]]:
+            nonlocal last
             out = [journal.apply(t, repo.ns, repo.files, repo.store, c.intent) for c in group]
             journal.mark_applied(t, gen, group[-1].end)
+            last = t.txn_id()
             return out
         try:
-            for c, result in zip(group, self._write(run_all, idle=True)):
+            for c, result in zip(group, self._write(run_all)):
                 c.result = result
-            return
+            return last
         except CastoreError:
             pass                            # one of them cannot commit: one by one
         except Exception as exc:  # a bug must not lose the others
             log.exception("committing closed files")
             for c in group:
                 c.error = exc
-            return
+            return last
         for c in group:
             def run_one(t: LmdbTxn, c: Closing = c) -> tuple[NodeId, bytes, bytes]:
+                nonlocal last
                 out = journal.apply(t, repo.ns, repo.files, repo.store, c.intent)
                 journal.mark_applied(t, gen, c.end)
+                last = t.txn_id()
                 return out
             try:
                 c.result = self._write(run_one)
@@ -208,11 +217,11 @@ class Committer:
                     self._write(lambda t, c=c: journal.mark_applied(t, gen, c.end))
                 except CastoreError:
                     pass
+        return last
 
-    def _write(self, fn: Callable[[LmdbTxn], T], idle: bool = False) -> T:
+    def _write(self, fn: Callable[[LmdbTxn], T]) -> T:
         """env.write, waiting while the disk is full: the closes stay in the journal (and
-        served from memory) until space returns or the drive stops. idle: nothing of this
-        group is visible yet, so readers need not wait while it waits for space."""
+        served from memory) until space returns or the drive stops."""
         while True:
             try:
                 return self._repo.env.write(fn)
@@ -220,8 +229,4 @@ class Committer:
                 if self._stop:
                     raise
                 log.error("%s; closed files wait in the close journal", exc)
-                if idle:
-                    self.epoch += 1         # even: the rolled-back write changed nothing
                 time.sleep(RETRY_FULL)
-                if idle:
-                    self.epoch += 1

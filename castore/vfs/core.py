@@ -7,6 +7,7 @@ Imports no FUSE code.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -25,13 +26,15 @@ from castore.ops import Attrs, Kind, Node, int_attr, split_path
 from castore.repo import Repo
 from castore.store.lmdb import LmdbTxn
 from castore.store.readahead import Readahead
-from castore.vfs.committer import Closing, Committer
+from castore.journal import Intent
+from castore.vfs.committer import AttrChange, Closing, Committer
 from castore.vfs.openfile import FileServices, OpenFile
 from castore.vfs.readcache import Budget, DeadlineError
 from castore.vfs.source import StoreSource
 from castore.vfs.types import HIDDEN, Attr, Handle, Target, apply_attrs, overlaid
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 REGISTRY_TIMEOUT = 10.0
 NLINK_TTL = 1.0                 # seconds a directory's subdirectory count is cached
@@ -73,28 +76,38 @@ class VfsCore:
         self._stat_cache: dict[str | bytes, tuple[int, int, Attr]] = {}
         self._resolved: dict[str | bytes, tuple[int, Node, bytes | None]] = {}
         self._gen = 0
+        # attribute changes of committed nodes in the close journal, not committed yet:
+        # node -> (changes queued, the attributes they set); shown by _overlay
+        self._attrs_pending: dict[NodeId, tuple[int, Attrs]] = {}
+        self._attrs_order = threading.Lock()    # journal order = the order they show in
+        self._attrs_mutex = threading.Lock()    # _attrs_pending; held only briefly
         self._committer = Committer(repo, self._landed)
 
     # -- plumbing -------------------------------------------------------------------------
     def _landed(self, closing: Closing) -> None:
         raise NotImplementedError                    # FileHandleOps
 
-    def _stable(self, fn: Callable[[], T]) -> T:
-        """fn() (a read of the store and of the open files together), run again when a
-        group of closes landed meanwhile: its store snapshot may predate that commit while
-        the open files already show it done."""
+    def _stable(self, fn: Callable[[LmdbTxn], T]) -> T:
+        """fn(txn): a read of a store snapshot and of the open files together, run again on
+        a newer snapshot when the open files may already show a commit the snapshot
+        predates (Committer.landing). Never waits for a commit in progress."""
         for _ in range(20):
-            e0 = self._committer.quiet_epoch()
+            snap = 0
+
+            def run(t: LmdbTxn) -> T:
+                nonlocal snap
+                snap = t.txn_id()
+                return fn(t)
             try:
-                out = fn()
+                out = self._env.read(run)
             except CastoreError:
-                if self._committer.epoch == e0:
+                if self._committer.landing_txn <= snap:
                     raise
                 continue
-            if self._committer.epoch == e0:
+            if self._committer.landing_txn <= snap:
                 return out
         self.settle()
-        return fn()
+        return self._env.read(fn)
 
     def settle(self, timeout: float = 60.0) -> None:
         """Wait until every close is committed: before changes to the tree, which must see
@@ -135,28 +148,25 @@ class VfsCore:
             hit = self._resolved.get(path)
             if hit is not None and hit[0] == txn_id:
                 return Target(hit[1], self._open.get(hit[1].id), hit[2])
-        target = self._walk(txn, path)
+        target = self._walk(txn, path, txn_id)
         if txn_id and target.node is not None:
             if len(self._resolved) > STAT_CACHE:
                 self._resolved.clear()
             self._resolved[path] = (txn_id, target.node, target.version)
         return target
 
-    def _walk(self, txn: LmdbTxn, path: str | bytes) -> Target:
+    def _walk(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0) -> Target:
         parts = split_path(path)
-        node = self._ns.get(txn, ROOT)
-        assert node is not None
         if not parts:
+            node = self._ns.get(txn, ROOT)
+            assert node is not None
             return Target(node, None)
         last = parts[-1]
         if HIDDEN.match(last):
             of = self._hidden.get(last)
             if of is not None:
                 return Target(None, of, name=last)
-        for part in parts[:-1]:
-            node = self._child_dir(txn, node, part, path)
-        if node.kind != Kind.DIR:
-            raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+        node = self._dir_at(txn, parts[:-1], path, txn_id)
         entry = self._ns.lookup_view(txn, node.id, last)
         if entry is not None:
             child = self._ns.get(txn, entry.node)
@@ -166,6 +176,29 @@ class VfsCore:
         if of is not None:
             return Target(None, of, None, node, last)
         raise PathNotFoundError(f"no such file or directory: {os.fsdecode(path)}")
+
+    def _dir_at(self, txn: LmdbTxn, parts: list[bytes], path: str | bytes,
+                txn_id: int = 0) -> Node:
+        """The directory named by parts (the parents of path). With txn_id (the snapshot's),
+        a directory found in this snapshot before comes from the cache of _resolve: the
+        files of one directory share their parents, and walking them again costs a lookup
+        and a decode per component."""
+        key = b"/".join(parts)
+        if txn_id:
+            hit = self._resolved.get(key)
+            if hit is not None and hit[0] == txn_id:
+                return hit[1]
+        node = self._ns.get(txn, ROOT)
+        assert node is not None
+        for part in parts:
+            node = self._child_dir(txn, node, part, path)
+        if node.kind != Kind.DIR:
+            raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+        if txn_id:
+            if len(self._resolved) > STAT_CACHE:
+                self._resolved.clear()
+            self._resolved[key] = (txn_id, node, None)
+        return node
 
     def _child_dir(self, txn: LmdbTxn, node: Node, part: bytes, path: str | bytes) -> Node:
         if node.kind != Kind.DIR:
@@ -207,21 +240,19 @@ class VfsCore:
             h = self._handles.get(fh)
             if h is not None:
                 of, nid = h.of, h.of.node
-                node = self._env.read(lambda t: self._ns.get(t, nid)) if nid is not None \
-                    else None
+                node = self._overlay(self._env.read(lambda t: self._ns.get(t, nid))) \
+                    if nid is not None else None
                 return Attr(Kind.FILE, of.mode, of.size, of.mtime_ns, 0 if of.unlinked else 1,
                             *self._owner(node, of.attrs))
         if path is None:
             raise PathNotFoundError("no path and no open file")
-        return self._stable(lambda: self._getattr_path(path))
-
-    def _getattr_path(self, path: str | bytes) -> Attr:
-        txn_id, gen = self._txn_id(), self._gen
+        gen = self._gen
         hit = self._stat_cache.get(path)
-        if hit is not None and hit[0] == txn_id and hit[1] == gen:
+        if hit is not None and hit[1] == gen and hit[0] == self._txn_id():
             return hit[2]
 
         def run(t: LmdbTxn) -> Attr:
+            txn_id = t.txn_id()
             target = self._resolve(t, path, txn_id)
             attr = self._attr(t, target)
             if target.of is None and target.node is not None and attr.kind != Kind.DIR:
@@ -229,7 +260,7 @@ class VfsCore:
                     self._stat_cache.clear()
                 self._stat_cache[path] = (txn_id, gen, attr)
             return attr
-        return self._env.read(run)
+        return self._stable(run)
 
     def _txn_id(self) -> int:
         """The last committed transaction (taken before a read, it dates what it finds)."""
@@ -239,8 +270,31 @@ class VfsCore:
         """Open-file state changed without a commit: cached stat results are void."""
         self._gen += 1
 
+    def _overlay(self, node: Node | None) -> Node | None:
+        """node with the attribute changes still on their way to the store applied (a copy:
+        nodes read from the store are shared)."""
+        if node is None or not self._attrs_pending:
+            return node
+        pending = self._attrs_pending.get(node.id)
+        if pending is None:
+            return node
+        attrs = dict(node.attrs)
+        attrs.update((k, (b"", v)) for k, v in pending[1].items())
+        return Node(node.id, node.kind, node.parent, node.name, node.move_key, attrs,
+                    node.heads)
+
+    def _attrs_landed(self, nid: NodeId) -> None:
+        """A journaled attribute change of nid is committed (or failed)."""
+        with self._attrs_mutex:
+            count, attrs = self._attrs_pending.get(nid, (1, {}))
+            if count <= 1:
+                self._attrs_pending.pop(nid, None)
+            else:
+                self._attrs_pending[nid] = (count - 1, attrs)
+            self._changed()
+
     def _attr(self, txn: LmdbTxn, target: Target) -> Attr:
-        node, of = target.node, target.of
+        node, of = self._overlay(target.node), target.of
         if node is None or (of is not None and (of.dirty or of.unlinked)):
             assert of is not None
             owner = node if node is not None else None
@@ -310,7 +364,7 @@ class VfsCore:
         self.settle()           # a listing shows what closes before it did (conflict copies)
 
         def run(t: LmdbTxn) -> list[tuple[bytes, Kind, Attr | None]]:
-            target = self._resolve(t, path)
+            target = self._resolve(t, path, t.txn_id())
             if target.node is None or target.node.kind != Kind.DIR:
                 raise NotDirectoryError(f"{os.fsdecode(path)} is not a directory")
             out: list[tuple[bytes, Kind, Attr | None]] = []
@@ -328,15 +382,17 @@ class VfsCore:
                     out.append((n, Kind.FILE, self._attr(t, Target(None, of))
                                 if attrs else None))
             return out
-        return self._stable(lambda: self._env.read(run))
+        return self._stable(run)
 
     def _set_attrs(self, path: str | bytes, attrs: Attrs,
                    check: Callable[[Target], None] | None = None) -> None:
         """Apply attributes to a path. A file with uncommitted writes (or not committed
         yet, or unlinked) keeps them with its open state, committed with its content (so
-        cp's fchmod/futimens before close cost no commit of their own); otherwise they are
-        committed at once."""
-        target = self._stable(lambda: self._env.read(lambda t: self._resolve(t, path)))
+        cp's fchmod/futimens before close cost no commit of their own). Otherwise the
+        change goes to the close journal like a close (it survives the daemon being
+        killed), shows here at once, and is committed with the next group: tar x sets the
+        times, owner and mode of every directory after filling it."""
+        target = self._stable(lambda t: self._resolve(t, path))
         of = target.of
         if of is not None:
             with of.settled():
@@ -346,16 +402,27 @@ class VfsCore:
                     apply_attrs(of, attrs)
                     self._changed()
                     return
-
-        def run(t: LmdbTxn) -> Target:
-            target = self._resolve(t, path)
-            if check is not None:
-                check(target)
+        with self._attrs_order:
+            target = self._stable(lambda t: self._resolve(t, path))
             if target.node is None:
                 raise PathNotFoundError(f"{os.fsdecode(path)} is being created: try again")
-            self._ns.set_attrs(t, target.node, attrs)
-            return target
-        target = self._env.write(run)
+            if check is not None:
+                check(Target(self._overlay(target.node), target.of, target.version,
+                             target.parent, target.name))
+            nid, node = target.node.id, target.node
+            with self._attrs_mutex:         # shown before it can land
+                count, pending = self._attrs_pending.get(nid, (0, {}))
+                self._attrs_pending[nid] = (count + 1, {**pending, **attrs})
+            self._changed()
+            try:
+                self._committer.submit(Intent.of_attrs(nid, attrs), AttrChange(nid))
+            except CastoreError as exc:     # e.g. disk full: commit now, and say so
+                log.info("committing an attribute change directly: %s", exc)
+                try:
+                    self._env.write(lambda t: self._ns.set_attrs(
+                        t, self._ns.get(t, nid) or node, attrs))
+                finally:
+                    self._attrs_landed(nid)
         if target.of is not None:
             apply_attrs(target.of, attrs, keep=False)
 

@@ -14,9 +14,9 @@ from castore.files import EMPTY, EMPTY_REF, content_id
 from castore.ids import ChunkId, NodeId
 from castore import journal
 from castore.journal import Intent
-from castore.ops import Kind
+from castore.ops import Kind, Node
 from castore.store.lmdb import LmdbTxn
-from castore.vfs.committer import Closing
+from castore.vfs.committer import AttrChange, Closing
 from castore.vfs.core import VfsCore
 from castore.vfs.openfile import OpenFile
 from castore.vfs.readcache import DeadlineError
@@ -101,21 +101,26 @@ class FileHandleOps(VfsCore):
         """_open_in, again when a group of closes landed between its snapshot of the store
         and its look at the open files (see _stable)."""
         for _ in range(20):
-            epoch = self._committer.quiet_epoch()
-            txn_id = self._txn_id()
+            snap = 0
+
+            def run(t: LmdbTxn) -> tuple[Opened, OpenFile]:
+                nonlocal snap
+                snap = t.txn_id()
+                return self._open_in(t, path, writable, flags, snap)
             try:
-                return self._env.read(lambda t: self._open_in(t, path, writable, flags,
-                                                              txn_id, epoch))
+                return self._env.read(run)
             except _Landed:
                 continue
             except CastoreError:
-                if self._committer.epoch == epoch:
+                if self._committer.landing_txn <= snap:
                     raise
         self.settle()
         return self._env.read(lambda t: self._open_in(t, path, writable, flags))
 
     def _open_in(self, txn: LmdbTxn, path: str | bytes, writable: bool, flags: int,
-                 txn_id: int = 0, epoch: int | None = None) -> tuple[Opened, OpenFile]:
+                 txn_id: int = 0) -> tuple[Opened, OpenFile]:
+        """txn_id: the snapshot's id, to check (once the open files can no longer change)
+        that no commit it predates has started to change them."""
         target = self._resolve(txn, path, txn_id)
         node = target.node
         if node is not None and node.kind == Kind.DIR:
@@ -126,7 +131,7 @@ class FileHandleOps(VfsCore):
             raise NotPermittedError(f"{os.fsdecode(path)} is a conflict copy: copy or rename "
                                     "it to edit it")
         with self._registry():
-            if epoch is not None and self._committer.epoch != epoch:
+            if txn_id and self._committer.landing_txn > txn_id:
                 raise _Landed
             of = target.of if target.version is None else None
             if node is not None and target.version is None:
@@ -143,7 +148,7 @@ class FileHandleOps(VfsCore):
                     self._files.manifest_for(txn, head.manifest, head.size)
                 of = OpenFile(self._svc, node.id, manifest, head_key,
                               bytes(head.manifest) if head is not None else EMPTY_REF,
-                              node.attr_int(b"mode", 0o644), node.attr_int(b"mtime"))
+                              *self._mode_mtime(node))
                 if target.version is None:
                     self._open[node.id] = of
             opened = self._new_handle(of, flags)
@@ -152,6 +157,11 @@ class FileHandleOps(VfsCore):
                 keep = self._kernel.get(of.node) == of.base_key
                 self._remember(of.node, of.base_key)
             return Opened(opened.fh, keep), of
+
+    def _mode_mtime(self, node: Node) -> tuple[int, int]:
+        shown = self._overlay(node)
+        assert shown is not None
+        return shown.attr_int(b"mode", 0o644), shown.attr_int(b"mtime")
 
     def _remember(self, nid: NodeId, key: bytes | None) -> None:
         self._kernel[nid] = key
@@ -200,6 +210,8 @@ class FileHandleOps(VfsCore):
         (DESIGN.md section 5); DeadlineError if that is not confirmed within FSYNC_TIMEOUT."""
         of = self._handle(fh).of
         self._commit(of)
+        if of.node is not None and of.node in self._attrs_pending:
+            self.settle()                   # its attribute changes too
         if self.repo.durability is not None and of.size and not of.unlinked:
             ok, w, copies = self.repo.wait_durable([content_id(of.base_ref)], FSYNC_TIMEOUT)
             if not ok:
@@ -260,8 +272,14 @@ class FileHandleOps(VfsCore):
                     of.inflight = closing.done
                     self._changed()
                     return
-            nid, key, ref = self._env.write(
-                lambda t: journal.apply(t, self._ns, self._files, self._store, intent))
+            txn_id = 0
+
+            def run(t: LmdbTxn) -> tuple[NodeId, bytes, bytes]:
+                nonlocal txn_id
+                txn_id = t.txn_id()
+                return journal.apply(t, self._ns, self._files, self._store, intent)
+            nid, key, ref = self._env.write(run)
+            self._committer.landing(txn_id)
             was_pending = of.node is None
             of.committed(built.manifest, key, ref, nid)
         self._registered(of, was_pending, nid, key)
@@ -283,6 +301,11 @@ class FileHandleOps(VfsCore):
         file changes under the registry, so an open deciding whether to share it never sees
         it change halfway."""
         of = closing.owner
+        if isinstance(of, AttrChange):
+            if closing.error is not None:
+                log.warning("an attribute change could not be committed: %s", closing.error)
+            self._attrs_landed(of.node)
+            return
         assert isinstance(of, OpenFile)
         with self._registry():
             with of.locked():

@@ -25,7 +25,7 @@ class XattrOps(VfsCore):
 
         def run(t: LmdbTxn) -> bytes:
             target = self._resolve(t, path)
-            node, of = target.node, target.of
+            node, of = self._overlay(target.node), target.of
             if name in CASTORE_XATTRS:
                 head = head_of(node, target.version)
                 if head is None or (node is not None and node.kind != Kind.FILE):
@@ -41,14 +41,14 @@ class XattrOps(VfsCore):
             if value is None:
                 raise NoAttributeError(name)
             return bytes(value)
-        return self._env.read(run)
+        return self._stable(run)
 
     def listxattr(self, path: str | bytes) -> list[str]:
         self.settle()
 
         def run(t: LmdbTxn) -> list[str]:
             target = self._resolve(t, path)
-            node, of = target.node, target.of
+            node, of = self._overlay(target.node), target.of
             names: dict[str, None] = {}
             if node is not None and node.kind == Kind.FILE and node.heads:
                 names.update(dict.fromkeys(CASTORE_XATTRS))
