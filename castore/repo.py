@@ -498,16 +498,22 @@ class Repo:
                 ) -> list[AddResult]:
         results = []
         dirs: dict[bytes, Node] = {}
+        fresh: dict[NodeId, set[bytes]] = {}
         for item, manifest, prepared, new in batch:
             try:
-                results.append(self._commit_one(txn, item, manifest, prepared, new, dirs))
+                results.append(self._commit_one(txn, item, manifest, prepared, new, dirs,
+                                                fresh))
             except CastoreError as exc:
                 results.append(AddResult(item.dest, kind=KIND_NAMES[item.kind],
                                          error=_describe(exc)))
         return results
 
     def _commit_one(self, txn: LmdbTxn, item: IngestItem, manifest: Manifest,
-                    prepared: list[Prepared], new: int, dirs: dict[bytes, Node]) -> AddResult:
+                    prepared: list[Prepared], new: int, dirs: dict[bytes, Node],
+                    fresh: dict[NodeId, set[bytes]]) -> AddResult:
+        """Commit one item inside the batch's transaction. dirs caches directory nodes by
+        path; fresh holds the directories this transaction created, with the names placed in
+        them since, so a name in a new directory is known absent without a lookup."""
         dirname, _, base = item.dest.rstrip("/").rpartition("/")
         if not base:
             if item.kind == Kind.DIR:
@@ -515,20 +521,28 @@ class Repo:
             raise IsDirectoryError("/ is a directory")
         name = check_name(os.fsencode(base))
         attrs = _attrs(item.mode, item.mtime_ns or time.time_ns())
-        parent = dirs.get(dirname.encode()) if dirname else None
+        parent = dirs.get(os.fsencode(dirname)) if dirname else None
         if parent is None:
             parent = self._ensure_dirs(txn, split_path(dirname), 0o755, dirs)
-            dirs[dirname.encode()] = parent
+            dirs[os.fsencode(dirname)] = parent
         parts = [name]
-        existing_id = self.ns.lookup(txn, parent.id, parts[-1])
-        if existing_id is None and CONFLICT_TAG in parts[-1]:   # writing a conflict copy
-            view = self.ns.lookup_view(txn, parent.id, parts[-1])  # resolves the conflict
-            existing_id = view.node if view is not None else None
+        placed = fresh.get(parent.id)
+        if placed is not None and name not in placed:
+            existing_id = None                # a directory made in this transaction
+        else:
+            existing_id = self.ns.lookup(txn, parent.id, name)
+            if existing_id is None and CONFLICT_TAG in name:   # writing a conflict copy
+                view = self.ns.lookup_view(txn, parent.id, name)  # resolves the conflict
+                existing_id = view.node if view is not None else None
+        if placed is not None:
+            placed.add(name)
         existing = self.ns.get(txn, existing_id) if existing_id else None
         path = _norm(item.dest)
         if item.kind == Kind.DIR:
             if existing is None:
-                self.ns.create(txn, parent, parts[-1], Kind.DIR, attrs)
+                made = self.ns.create(txn, parent, name, Kind.DIR, attrs, known_absent=True)
+                fresh[made.id] = set()
+                dirs[os.fsencode(item.dest.rstrip("/"))] = made
             elif existing.kind != Kind.DIR:
                 raise NotDirectoryError(f"{path} exists and is not a directory")
             else:
