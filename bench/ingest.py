@@ -144,6 +144,7 @@ def main() -> int:
         emit(figure="small_files", **{k: v for k, v in entry.items() if k != "runs_s"})
         shutil.rmtree(work / "tree-copy", ignore_errors=True)
         tree2 = work / "tree-v2"
+        shutil.rmtree(tree2, ignore_errors=True)
         mutate_tree(tree, tree2, 0.05)
         for level in (1, 0):
             env = dict(os.environ, CASTORE_COMPRESSION_LEVEL=str(level))
