@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from castore import chunking, journal
 from castore.config import Config
@@ -27,6 +26,7 @@ from castore.journal import Intent, Journal
 from castore.ids import ROOT, TRASH, ChunkId, NodeId
 from castore.namespace import CONFLICT_TAG, Namespace
 from castore.ops import Kind, Node, Op, check_name, int_attr, key_ts, split_path
+from castore.results import AddResult, Entry, IngestItem, VerifyReport
 from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn, read_counters
 
 log = logging.getLogger(__name__)
@@ -35,62 +35,6 @@ BATCH_FILES = 2000              # small files per commit
 BATCH_BYTES = 32 << 20          # or this many bytes
 BATCH_SECONDS = 0.25            # or this long since the first pending file
 SMALL_FILE = 4 << 20            # up to this size a file is read whole; above, mmapped
-
-
-@dataclass(frozen=True)
-class Entry:
-    """What stat and ls report about one node."""
-
-    path: str
-    name: str
-    kind: str                        # "file" | "dir" | "symlink"
-    size: int = 0
-    mode: int = 0
-    mtime_ns: int = 0
-    content: str = ""                # content id (hex) of the current version
-    chunks: int = 0
-    versions: int = 0                # concurrent heads; more than 1 means a conflict
-    target: str = ""                 # symlink target
-    node: str = ""
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AddResult:
-    path: str
-    content: str = ""
-    size: int = 0
-    new_chunks: int = 0
-    kind: str = "file"
-    error: str = ""
-
-
-@dataclass
-class IngestItem:
-    """One thing to add: a local file (source), in-memory bytes (data), chunks, dir or symlink."""
-
-    dest: str
-    kind: Kind = Kind.FILE
-    mode: int = 0o644
-    mtime_ns: int = 0
-    source: str | None = None
-    size: int = 0
-    data: bytes | None = None
-    chunks: Iterable[bytes | memoryview] | None = None
-    target: bytes = b""
-
-
-@dataclass
-class VerifyReport:
-    chunks: int = 0
-    bytes: int = 0
-    manifests: int = 0
-    corrupt: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.corrupt and not self.missing
 
 
 NAMESPACE_TABLES = ("ops", "opseq", "nodes", "dirents", "superseded", "revived", "meta")
