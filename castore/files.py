@@ -219,7 +219,7 @@ class Files:
 
 class ChunkPipeline:
     """Cuts a large file into chunks, hashes and compresses them on a thread pool, and commits
-    them in batches of about BATCH_BYTES, each batch durable. The caller then commits the
+    them in batches of about BATCH_BYTES, each batch durable, on a thread of its own. The caller then commits the
     manifest and the namespace op in its own transaction; until then the chunks have no
     references, so a crash leaves no half file visible.
     """
@@ -242,13 +242,16 @@ class ChunkPipeline:
         ids: list[ChunkId] = []
         lengths: list[int] = []
         new = 0
+        # Batches commit one at a time on a thread of their own: a commit waiting for the
+        # write lock must not hold a worker of the pool that hashes and compresses.
+        writer: ThreadPoolExecutor | None = None
 
         def commit(items: list[Prepared]) -> int:
             return self.env.write(lambda t: sum(
                 self.store.put_encoded_in(t, p.cid, p.raw_len, p.codec, p.stored) for p in items))
 
         def take() -> None:
-            nonlocal batch, batch_bytes, new
+            nonlocal batch, batch_bytes, new, writer
             p = pending.popleft().result()
             ids.append(p.cid)
             lengths.append(p.raw_len)
@@ -259,7 +262,9 @@ class ChunkPipeline:
             if batch_bytes >= BATCH_BYTES:
                 while len(commits) >= 2:
                     new += commits.popleft().result()
-                commits.append(self.pool.submit(commit, batch))
+                if writer is None:
+                    writer = ThreadPoolExecutor(1, thread_name_prefix="castore-commit")
+                commits.append(writer.submit(commit, batch))
                 batch, batch_bytes = [], 0
 
         try:
@@ -277,6 +282,9 @@ class ChunkPipeline:
                 f.cancel()
             wait([*pending, *commits])
             raise
+        finally:
+            if writer is not None:
+                writer.shutdown(wait=False)
         if batch:
             new += commit(batch)
         return Manifest(tuple(ids), tuple(lengths)), new

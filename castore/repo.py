@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from castore import chunking, journal
 from castore.config import Config
@@ -27,6 +26,7 @@ from castore.journal import Intent, Journal
 from castore.ids import ROOT, TRASH, ChunkId, NodeId
 from castore.namespace import CONFLICT_TAG, Namespace
 from castore.ops import Kind, Node, Op, check_name, int_attr, key_ts, split_path
+from castore.results import AddResult, Entry, IngestItem, VerifyReport
 from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn, read_counters
 
 log = logging.getLogger(__name__)
@@ -35,62 +35,6 @@ BATCH_FILES = 2000              # small files per commit
 BATCH_BYTES = 32 << 20          # or this many bytes
 BATCH_SECONDS = 0.25            # or this long since the first pending file
 SMALL_FILE = 4 << 20            # up to this size a file is read whole; above, mmapped
-
-
-@dataclass(frozen=True)
-class Entry:
-    """What stat and ls report about one node."""
-
-    path: str
-    name: str
-    kind: str                        # "file" | "dir" | "symlink"
-    size: int = 0
-    mode: int = 0
-    mtime_ns: int = 0
-    content: str = ""                # content id (hex) of the current version
-    chunks: int = 0
-    versions: int = 0                # concurrent heads; more than 1 means a conflict
-    target: str = ""                 # symlink target
-    node: str = ""
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AddResult:
-    path: str
-    content: str = ""
-    size: int = 0
-    new_chunks: int = 0
-    kind: str = "file"
-    error: str = ""
-
-
-@dataclass
-class IngestItem:
-    """One thing to add: a local file (source), in-memory bytes (data), chunks, dir or symlink."""
-
-    dest: str
-    kind: Kind = Kind.FILE
-    mode: int = 0o644
-    mtime_ns: int = 0
-    source: str | None = None
-    size: int = 0
-    data: bytes | None = None
-    chunks: Iterable[bytes | memoryview] | None = None
-    target: bytes = b""
-
-
-@dataclass
-class VerifyReport:
-    chunks: int = 0
-    bytes: int = 0
-    manifests: int = 0
-    corrupt: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.corrupt and not self.missing
 
 
 NAMESPACE_TABLES = ("ops", "opseq", "nodes", "dirents", "superseded", "revived", "meta")
@@ -498,16 +442,22 @@ class Repo:
                 ) -> list[AddResult]:
         results = []
         dirs: dict[bytes, Node] = {}
+        fresh: dict[NodeId, set[bytes]] = {}
         for item, manifest, prepared, new in batch:
             try:
-                results.append(self._commit_one(txn, item, manifest, prepared, new, dirs))
+                results.append(self._commit_one(txn, item, manifest, prepared, new, dirs,
+                                                fresh))
             except CastoreError as exc:
                 results.append(AddResult(item.dest, kind=KIND_NAMES[item.kind],
                                          error=_describe(exc)))
         return results
 
     def _commit_one(self, txn: LmdbTxn, item: IngestItem, manifest: Manifest,
-                    prepared: list[Prepared], new: int, dirs: dict[bytes, Node]) -> AddResult:
+                    prepared: list[Prepared], new: int, dirs: dict[bytes, Node],
+                    fresh: dict[NodeId, set[bytes]]) -> AddResult:
+        """Commit one item inside the batch's transaction. dirs caches directory nodes by
+        path; fresh holds the directories this transaction created, with the names placed in
+        them since, so a name in a new directory is known absent without a lookup."""
         dirname, _, base = item.dest.rstrip("/").rpartition("/")
         if not base:
             if item.kind == Kind.DIR:
@@ -515,20 +465,28 @@ class Repo:
             raise IsDirectoryError("/ is a directory")
         name = check_name(os.fsencode(base))
         attrs = _attrs(item.mode, item.mtime_ns or time.time_ns())
-        parent = dirs.get(dirname.encode()) if dirname else None
+        parent = dirs.get(os.fsencode(dirname)) if dirname else None
         if parent is None:
             parent = self._ensure_dirs(txn, split_path(dirname), 0o755, dirs)
-            dirs[dirname.encode()] = parent
+            dirs[os.fsencode(dirname)] = parent
         parts = [name]
-        existing_id = self.ns.lookup(txn, parent.id, parts[-1])
-        if existing_id is None and CONFLICT_TAG in parts[-1]:   # writing a conflict copy
-            view = self.ns.lookup_view(txn, parent.id, parts[-1])  # resolves the conflict
-            existing_id = view.node if view is not None else None
+        placed = fresh.get(parent.id)
+        if placed is not None and name not in placed:
+            existing_id = None                # a directory made in this transaction
+        else:
+            existing_id = self.ns.lookup(txn, parent.id, name)
+            if existing_id is None and CONFLICT_TAG in name:   # writing a conflict copy
+                view = self.ns.lookup_view(txn, parent.id, name)  # resolves the conflict
+                existing_id = view.node if view is not None else None
+        if placed is not None:
+            placed.add(name)
         existing = self.ns.get(txn, existing_id) if existing_id else None
         path = _norm(item.dest)
         if item.kind == Kind.DIR:
             if existing is None:
-                self.ns.create(txn, parent, parts[-1], Kind.DIR, attrs)
+                made = self.ns.create(txn, parent, name, Kind.DIR, attrs, known_absent=True)
+                fresh[made.id] = set()
+                dirs[os.fsencode(item.dest.rstrip("/"))] = made
             elif existing.kind != Kind.DIR:
                 raise NotDirectoryError(f"{path} exists and is not a directory")
             else:

@@ -275,6 +275,39 @@ def test_two_copies_of_a_tree_dedup(repo: Repo, tmp_path: Path) -> None:
     assert repo.verify().ok
 
 
+def test_a_tree_add_with_a_vanished_file_a_large_one_and_a_name_twice(
+        repo: Repo, tmp_path: Path) -> None:
+    """Committed results come in plan order with a large file stored between small ones, a
+    file gone since the walk fails alone, and a name already placed in a directory made by
+    the same commit is updated, not duplicated (no lookup is skipped for it)."""
+    from castore.repo import plan_paths
+    rng = random.Random(5)
+    tree = tmp_path / "t"
+    (tree / "a").mkdir(parents=True)
+    bodies = {}
+    for i in range(300):
+        bodies[f"a/f{i:03d}"] = rng.randbytes(rng.randint(0, 9000))
+    bodies["a/g-big"] = rng.randbytes(6 * MiB)
+    for rel, body in bodies.items():
+        (tree / rel).write_bytes(body)
+    items, errors = plan_paths([str(tree)], "/", True)
+    assert not errors
+    again = [i for i in items if i.dest == "/t/a/f007"][0]
+    items.append(IngestItem(again.dest, mode=0o644, source=again.source, size=again.size))
+    (tree / "a" / "f100").unlink()
+    results = list(repo.ingest(items))
+    failed = [r.path for r in results if r.error]
+    assert failed == ["/t/a/f100"]
+    assert [r.path for r in results if not r.error] == \
+        [i.dest for i in items if i.dest not in failed]
+    for rel, body in bodies.items():
+        if rel != "a/f100":
+            assert _read(repo, f"/t/{rel}") == body
+    names = [e.name for e in repo.listdir("/t/a")]
+    assert len(names) == len(set(names)) == len(bodies) - 1
+    assert repo.stat("/t/a/f007").versions == 1
+
+
 # -- corruption on disk, and a map that must grow --------------------------------------------
 
 def test_a_flipped_byte_on_disk_is_caught(tmp_path: Path) -> None:

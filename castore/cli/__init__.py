@@ -36,8 +36,13 @@ class Context:
     @contextmanager
     def api(self, offline_ok: bool = True) -> Iterator[Any]:
         """The running daemon (RemoteRepo), or with offline_ok the repo opened directly."""
-        from castore.rpc.client import RemoteRepo, daemon_running
-        if daemon_running(self.config):
+        # no socket, no daemon: the offline path never loads gRPC (a tenth of a second)
+        if self.config.socket_path.exists():
+            from castore.rpc.client import RemoteRepo, daemon_running
+            running = daemon_running(self.config)
+        else:
+            running = False
+        if running:
             with RemoteRepo(self.config) as remote:
                 yield remote
             return

@@ -14,10 +14,10 @@ from castore._proto import castore_pb2_grpc as pbg
 from castore.config import Config
 from castore.errors import PeerUnavailableError, UsageError
 from castore.ops import Kind
-from castore.repo import AddResult, Entry, IngestItem, VerifyReport
+from castore.results import AddResult, Entry, IngestItem, VerifyReport
 from castore.rpc.convert import entry_from_pb, report_from_pb, result_from_pb
 from castore.rpc.errors import from_rpc_error
-from castore.rpc.server import options
+from castore.rpc.options import options
 
 T = TypeVar("T")
 PUT_FRAME = 1 << 20

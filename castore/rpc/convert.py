@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from castore._proto import castore_pb2 as pb
-from castore.repo import AddResult, Entry, VerifyReport
+from castore.results import AddResult, Entry, VerifyReport
 
 
 def entry_to_pb(e: Entry) -> pb.Entry:

@@ -18,22 +18,16 @@ from castore._proto import castore_pb2 as pb
 from castore._proto import castore_pb2_grpc as pbg
 from castore.errors import UsageError
 from castore.ops import Kind
-from castore.repo import SMALL_FILE, AddResult, IngestItem, Repo, VerifyReport
+from castore.repo import SMALL_FILE, Repo
+from castore.results import AddResult, IngestItem, VerifyReport
 from castore.rpc.cluster_api import ClusterApi
 from castore.rpc.convert import entry_to_pb, report_to_pb, result_to_pb
 from castore.rpc.errors import abort_on_error
+from castore.rpc.options import options
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Client"].full_name
 READ_FRAME = 1 << 20
 PROGRESS_EVERY = 0.2          # seconds between progress events
-
-
-def options(max_message: int) -> list[tuple[str, Any]]:
-    return [("grpc.max_send_message_length", max_message),
-            ("grpc.max_receive_message_length", max_message),
-            ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
-            ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
-            ("grpc.experimental.tcp_max_read_chunk_size", 8 << 20)]
 
 
 class _Progress:
