@@ -68,7 +68,8 @@ def test_create_is_committed_on_close_with_its_content(vfs: Vfs, repo: Repo) -> 
 
 
 def test_random_operations_match_a_model(vfs: Vfs) -> None:
-    seed = random.SystemRandom().randrange(1 << 32)
+    # a new seed every run; CASTORE_TEST_SEED replays one a failure printed
+    seed = int(os.environ.get("CASTORE_TEST_SEED") or random.SystemRandom().randrange(1 << 32))
     rnd = random.Random(seed)
     model: dict[str, bytearray] = {}
     handles: list[tuple[str, int]] = []
