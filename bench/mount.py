@@ -200,9 +200,11 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     cold_ok = drop_caches()
     size = args.size * MiB
     only = set(args.only)
+    kinds = [k for k in ("incompressible", "compressible")
+             if args.kind in ("both", k)] if "seq" in only else []
     try:
-        base = compressible_base(size) if "seq" in only else b""
-        for kind in ("incompressible", "compressible") if "seq" in only else ():
+        base = compressible_base(size) if "compressible" in kinds else None
+        for kind in kinds:
             w_c, w_b, r_cold_c, r_cold_b, r_warm_c, r_warm_b = [], [], [], [], [], []
             for run in range(args.runs):
                 data = memoryview(make_data(kind, size, run, base))
@@ -227,44 +229,50 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                      "after a fresh mount and drop_caches" if cold_ok else "caches NOT dropped")
             figs.add(f"seq_read_warm_{kind}", "MB/s", r_warm_c, r_warm_b, "second read")
         del base
-        c_c, c_b, c_bd = [], [], []
-        for run in range(args.runs if "creates" in only else 0):
-            c_c.append(args.files / creates(drive.mnt / f"many-{run}", args.files, False))
-            c_b.append(args.files / creates(local / f"many-{run}", args.files, False))
-            c_bd.append(args.files / creates(local / f"many-sync-{run}", min(args.files, 2000),
-                                             True) * min(args.files, 2000) / args.files)
-        if c_c:
-            figs.add("creates_4k", "files/s", c_c, c_b,
-                     "create, write 4 KiB, close; castore closes are journaled and committed in "
-                     "groups; baseline without fsync",
-                     baseline_fsync=round(statistics.median(c_bd), 1))
-        if "tar" not in only:
-            return {"machine": machine(), "size_mib": args.size, "runs": args.runs,
-                    "files": args.files, "caches_dropped": cold_ok, "only": sorted(only),
-                    "figures": figs.items}
-        archive = work / "tree.tar"
-        subprocess.run(["tar", "cf", str(archive), "-C", args.tree, "."], check=True)
-        entries = count_entries(Path(args.tree))
-        x_c, x_b, cw_c, cw_b, cc_c, cc_b = [], [], [], [], [], []
-        for run in range(args.runs):
-            x_c.append(entries / tar_x(archive, drive.mnt / f"tree-{run}"))
-            x_b.append(entries / tar_x(archive, local / f"tree-{run}"))
-            cw_c.append(entries / tar_c(drive.mnt / f"tree-{run}"))
-            cw_b.append(entries / tar_c(local / f"tree-{run}"))
-        drive.restart()
-        for run in range(args.runs):
-            drop_caches()
-            cc_c.append(entries / tar_c(drive.mnt / f"tree-{run}"))
-            drop_caches()
-            cc_b.append(entries / tar_c(local / f"tree-{run}"))
-        figs.add("tar_x", "files/s", x_c, x_b, f"{entries} entries from {args.tree}")
-        figs.add("tar_c", "files/s", cw_c, cw_b, "right after tar x (kernel caches warm)")
-        figs.add("tar_c_cold", "files/s", cc_c, cc_b, "after a fresh mount and drop_caches")
+        if "creates" in only:
+            creates_figure(args, figs, drive, local)
+        if "tar" in only:
+            tar_figures(args, figs, drive, local, work)
     finally:
         drive.stop()
     return {"machine": machine(), "size_mib": args.size, "runs": args.runs,
             "files": args.files, "caches_dropped": cold_ok, "only": sorted(only),
             "figures": figs.items}
+
+
+def creates_figure(args: argparse.Namespace, figs: Figures, drive: Daemon, local: Path
+                   ) -> None:
+    c_c, c_b, c_bd = [], [], []
+    for run in range(args.runs):
+        c_c.append(args.files / creates(drive.mnt / f"many-{run}", args.files, False))
+        c_b.append(args.files / creates(local / f"many-{run}", args.files, False))
+        c_bd.append(args.files / creates(local / f"many-sync-{run}", min(args.files, 2000),
+                                         True) * min(args.files, 2000) / args.files)
+    figs.add("creates_4k", "files/s", c_c, c_b,
+             "create, write 4 KiB, close; castore closes are journaled and committed in groups; "
+             "baseline without fsync", baseline_fsync=round(statistics.median(c_bd), 1))
+
+
+def tar_figures(args: argparse.Namespace, figs: Figures, drive: Daemon, local: Path,
+                work: Path) -> None:
+    archive = work / "tree.tar"
+    subprocess.run(["tar", "cf", str(archive), "-C", args.tree, "."], check=True)
+    entries = count_entries(Path(args.tree))
+    x_c, x_b, cw_c, cw_b, cc_c, cc_b = [], [], [], [], [], []
+    for run in range(args.runs):
+        x_c.append(entries / tar_x(archive, drive.mnt / f"tree-{run}"))
+        x_b.append(entries / tar_x(archive, local / f"tree-{run}"))
+        cw_c.append(entries / tar_c(drive.mnt / f"tree-{run}"))
+        cw_b.append(entries / tar_c(local / f"tree-{run}"))
+    drive.restart()
+    for run in range(args.runs):
+        drop_caches()
+        cc_c.append(entries / tar_c(drive.mnt / f"tree-{run}"))
+        drop_caches()
+        cc_b.append(entries / tar_c(local / f"tree-{run}"))
+    figs.add("tar_x", "files/s", x_c, x_b, f"{entries} entries from {args.tree}")
+    figs.add("tar_c", "files/s", cw_c, cw_b, "right after tar x (kernel caches warm)")
+    figs.add("tar_c_cold", "files/s", cc_c, cc_b, "after a fresh mount and drop_caches")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -301,6 +309,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--files", type=int, default=10_000, help="small files to create")
     p.add_argument("--tree", default="/usr/share/doc", help="source tree for tar x / tar c")
+    p.add_argument("--kind", choices=("both", "incompressible", "compressible"),
+                   default="both", help="data of the sequential figures (default: both)")
     p.add_argument("--dir", default=None, help="work directory (default: a temp dir in /tmp)")
     p.add_argument("--only", default=",".join(PARTS), type=parts,
                    help=f"comma-separated figures to measure, of {','.join(PARTS)} (default: "

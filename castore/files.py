@@ -232,13 +232,18 @@ class ChunkPipeline:
         self.window = window
 
     def store_chunks(self, chunks: Iterable[bytes | memoryview],
-                     on_bytes: Callable[[int], None] | None = None) -> tuple[Manifest, int]:
-        """Store every chunk; returns (manifest, number of chunks newly stored)."""
+                     on_bytes: Callable[[int], None] | None = None,
+                     on_durable: Callable[[list[Prepared]], None] | None = None
+                     ) -> tuple[Manifest, int]:
+        """Store every chunk; returns (manifest, number of chunks newly stored).
+        on_durable(batch), if given, is called in this thread, in file order, with each batch
+        of chunks once its commit is durable (a file being written can then read those
+        chunks from the store instead of keeping their bytes)."""
         level = self.store.level
         pending: deque[Future[Prepared]] = deque()
         batch: list[Prepared] = []
         batch_bytes = 0
-        commits: deque[Future[int]] = deque()
+        commits: deque[tuple[Future[int], list[Prepared]]] = deque()
         ids: list[ChunkId] = []
         lengths: list[int] = []
         new = 0
@@ -250,8 +255,15 @@ class ChunkPipeline:
             return self.env.write(lambda t: sum(
                 self.store.put_encoded_in(t, p.cid, p.raw_len, p.codec, p.stored) for p in items))
 
+        def landed() -> None:
+            nonlocal new
+            fut, items = commits.popleft()
+            new += fut.result()
+            if on_durable:
+                on_durable(items)
+
         def take() -> None:
-            nonlocal batch, batch_bytes, new, writer
+            nonlocal batch, batch_bytes, writer
             p = pending.popleft().result()
             ids.append(p.cid)
             lengths.append(p.raw_len)
@@ -259,12 +271,14 @@ class ChunkPipeline:
             batch_bytes += p.raw_len
             if on_bytes:
                 on_bytes(p.raw_len)
+            while commits and commits[0][0].done():
+                landed()
             if batch_bytes >= BATCH_BYTES:
                 while len(commits) >= 2:
-                    new += commits.popleft().result()
+                    landed()
                 if writer is None:
                     writer = ThreadPoolExecutor(1, thread_name_prefix="castore-commit")
-                commits.append(writer.submit(commit, batch))
+                commits.append((writer.submit(commit, batch), batch))
                 batch, batch_bytes = [], 0
 
         try:
@@ -275,18 +289,20 @@ class ChunkPipeline:
             while pending:
                 take()
             while commits:
-                new += commits.popleft().result()
+                landed()
         except BaseException:
             # e.g. disk full: let no commit of this file run on after the error is reported
             for f in pending:
                 f.cancel()
-            wait([*pending, *commits])
+            wait([*pending, *(f for f, _ in commits)])
             raise
         finally:
             if writer is not None:
                 writer.shutdown(wait=False)
         if batch:
             new += commit(batch)
+            if on_durable:
+                on_durable(batch)
         return Manifest(tuple(ids), tuple(lengths)), new
 
 

@@ -1,7 +1,8 @@
 """castore.vfs without a mount: the drive's semantics driven directly, against a model.
 
-Small thresholds (spill to a staging file at 64 KiB, stream appends from 1 MiB) make the
-staging, block-overlay and background-chunking paths run on small files.
+Small thresholds (spill to a staging file at 64 KiB, stream appends from 1 MiB, commit streamed
+chunks every 256 KiB) make the staging, block-overlay, background-chunking and
+streamed-chunks-into-the-base paths run on small files.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from castore import chunking
+from castore import chunking, files
 from castore.errors import ExistsError, NotEmptyError, PathNotFoundError
 from castore.namespace import Namespace
 from castore.ops import Kind
@@ -29,6 +30,7 @@ HIDDEN = "/.fuse_hidden0000000100000002"
 def vfs(repo: Repo, monkeypatch: pytest.MonkeyPatch) -> Iterator[Vfs]:
     monkeypatch.setattr(staging, "SPILL", 64 << 10)
     monkeypatch.setattr(openfile, "STREAM_FROM", 1 << 20)
+    monkeypatch.setattr(files, "BATCH_BYTES", 256 << 10)
     v = Vfs(repo)
     try:
         yield v
@@ -88,7 +90,12 @@ def test_random_operations_match_a_model(vfs: Vfs) -> None:
         if name not in model:                      # unlinked meanwhile: skip
             continue
         buf = model[name]
-        if op < 0.5:
+        if op < 0.15:                              # a run of appends: streamed
+            for _ in range(rnd.randrange(2, 12)):
+                data = rnd.randbytes(300_000)
+                vfs.write(fh, len(buf), data)
+                buf += data
+        elif op < 0.5:
             off = rnd.choice([len(buf), rnd.randrange(0, len(buf) + 1), rnd.randrange(0, 3 << 20)])
             data = rnd.randbytes(rnd.choice([1, 100, 70_000, 400_000]))
             vfs.write(fh, off, data)
@@ -313,3 +320,29 @@ def test_directory_link_counts(vfs: Vfs) -> None:
     assert vfs.getattr("/p").nlink == 3
     vfs.rename("/p/b", "/b")
     assert vfs.getattr("/p").nlink == 2
+
+
+def test_streamed_chunks_move_from_staging_into_the_base(vfs: Vfs, repo: Repo) -> None:
+    data = bytearray(os.urandom(24 << 20))
+    h = vfs.create("/big", 0o644, os.O_RDWR)
+    of = vfs._handles[h.fh].of
+    step = 256 << 10
+    for i in range(0, len(data), step):
+        vfs.write(h.fh, i, data[i:i + step])
+        time.sleep(0.005)                     # the stream stores chunks meanwhile
+    assert of.base_limit > 0 and of.base.size == of.base_limit       # stored chunks, taken in
+    assert of.staging is not None and of.staging.fd is not None
+    held = os.fstat(of.staging.fd).st_blocks * 512
+    assert held <= len(data) - of.base_limit + (1 << 20)              # their bytes left staging
+    assert vfs.read(h.fh, 0, len(data) + 1) == data                   # store + staging
+    vfs.write(h.fh, 100, b"x" * 10)                                   # inside the taken part
+    data[100:110] = b"x" * 10
+    vfs.write(h.fh, len(data), b"tail")
+    data += b"tail"
+    assert vfs.read(h.fh, 0, len(data) + 1) == data
+    vfs.flush(h.fh)
+    vfs.release(h.fh)
+    vfs.settle()
+    assert _read_all(vfs, "/big") == data
+    assert [len(c) for c in chunking.split(bytes(data))][1:-2] == \
+        list(repo.manifest_of("/big").lengths)[1:-2]

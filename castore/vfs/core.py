@@ -55,12 +55,13 @@ class VfsCore:
         self.started_ns = time.time_ns()
         self._read_pool = ThreadPoolExecutor(3, thread_name_prefix="castore-vfs-read")
         self._write_pool = ThreadPoolExecutor(3, thread_name_prefix="castore-vfs-write")
+        source = StoreSource(self._store, self._read_chunk)
         self._svc = FileServices(
-            source=StoreSource(self._store, self._read_chunk), read_pool=self._read_pool,
+            source=source, read_pool=self._read_pool,
             budget=Budget(),
             staging_dir=self.staging_dir, level=self._store.level,
             pipeline=lambda: ChunkPipeline(self._env, self._store, self._write_pool),
-            readahead=Readahead, lock_timeout=lock_timeout)
+            readahead=Readahead, lock_timeout=lock_timeout, cache_dropper=source.cache_dropper)
         self._mutex = threading.Lock()      # the registries below; held only briefly
         self._open: dict[NodeId, OpenFile] = {}
         self._pending: dict[tuple[NodeId, bytes], OpenFile] = {}

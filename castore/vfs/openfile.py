@@ -5,9 +5,13 @@ The content is the committed version the file was opened at (the base, read chun
 through a ChunkReader), overlaid with what was written since, kept in a sparse staging file.
 Below `base_limit` the staging file holds only the 64 KiB blocks that were written (a partly
 written block is first filled from the base); from base_limit on, staging holds everything.
-Appends are chunked while they arrive (StreamWriter). build() turns the content into a
-manifest for the commit, reusing every base chunk before the first change, so a small edit of
-a big file stores only the chunks it touched.
+Appends are chunked while they arrive (StreamWriter), and each batch of chunks it has stored
+durably becomes part of the base: base_limit moves past it and its bytes are punched out of
+the staging file. A large sequential write thus keeps only its last few tens of MiB in
+staging, and the page cache pages it frees are reused at once by the next writes, which here
+is several times faster than filling new ones. build() turns the content into a manifest for
+the commit, reusing every base chunk before the first change, so a small edit of a big file
+stores only the chunks it touched.
 
 Imports no FUSE code and no LMDB; the vfs supplies chunk loading and storing.
 """
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from castore import chunking
-from castore.files import ChunkPipeline, Manifest, Prepared, prepare
+from castore.files import EMPTY, ChunkPipeline, Manifest, Prepared, prepare
 from castore.ids import ChunkId, NodeId
 from castore.ops import Attrs
 from castore.vfs.readcache import Budget, ChunkReader, ChunkSource, DeadlineError
@@ -47,6 +51,9 @@ class FileServices:
     pipeline: Callable[[], ChunkPipeline]
     readahead: Callable[[], object]
     lock_timeout: float = 30.0
+    # a new function per streamed file that drops what the store's file gained from the
+    # page cache (castore.vfs.source.StoreSource.cache_dropper)
+    cache_dropper: Callable[[], Callable[[], None]] | None = None
 
 
 @dataclass
@@ -84,6 +91,9 @@ class OpenFile:
 
     # -- state ----------------------------------------------------------------------------
     def _set_base(self, base: Manifest, key: bytes | None, ref: bytes) -> None:
+        # base: the content below base_limit (the version opened, or since a stream took
+        # appended chunks into it, that version plus those chunks); key and ref name the
+        # committed version it started from
         self.base = base
         self.base_key = key
         self.base_ref = ref
@@ -95,6 +105,8 @@ class OpenFile:
                                   self.svc.readahead())
         self._seq_end: int | None = base.size     # appends from here on can be streamed
         self._written_end = base.size
+        self._absorbed = 0                  # chunks of the stream taken into base
+        self._absorbed_end = 0              # where the next one starts
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -190,6 +202,8 @@ class OpenFile:
             self.size = max(self.size, end)
             self.dirty = True
             self.mtime_ns = time.time_ns()
+            if self.stream is not None:
+                self._absorb(*self.stream.durable(self._absorbed))
             return n
 
     def _fill_blocks(self, lo: int, hi: int) -> None:
@@ -215,14 +229,46 @@ class OpenFile:
                 self.stream.advance(end)
             elif end - self.base_limit >= STREAM_FROM and self.staging is not None and \
                     self.staging.fd is not None:
+                dropper = self.svc.cache_dropper
                 self.stream = StreamWriter(self.base_limit, self._stream_read,
-                                           self.svc.pipeline())
+                                           self.svc.pipeline(),
+                                           dropper() if dropper is not None else None)
+                self._absorbed, self._absorbed_end = 0, self.base_limit
                 self.stream.advance(end)
         elif seq is not None:
             self._seq_end = None
-            if self.stream is not None:
-                self.stream.limit(min(offset, seq))
+            self._end_stream(min(offset, seq))
         self._written_end = max(self._written_end, end)
+
+    def _end_stream(self, end: int) -> None:
+        """Stop the stream (the content from end on is not final, or the file is being
+        committed) and take into the base the chunks it stored before end. Lock held."""
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        try:
+            ids, lengths = stream.take(end)
+        except DeadlineError:       # staging still holds every byte from base_limit on
+            return
+        self._absorb(ids[self._absorbed:], lengths[self._absorbed:])
+
+    def _absorb(self, ids: list[ChunkId], lengths: list[int]) -> None:
+        """Stored chunks of the stream that continue the base become part of it, and their
+        bytes leave staging. Only while the base ends where the stream's next chunk starts
+        (a truncation below it stops this; staging then keeps what follows). Lock held."""
+        start = self.base_limit
+        if not ids or start != self._absorbed_end or start not in (0, self.base.size):
+            return
+        prefix = self.base if start else EMPTY
+        base = Manifest(prefix.chunks + tuple(ids), prefix.lengths + tuple(lengths))
+        old, self.reader = self.reader, ChunkReader(base, self.svc.source, self.svc.read_pool,
+                                                    self.svc.budget, self.svc.readahead())
+        old.close()
+        self.base = base
+        self.base_limit = self._absorbed_end = base.size
+        self._absorbed += len(ids)
+        if self.staging is not None:
+            self.staging.punch(start, base.size)
 
     def _stream_read(self, offset: int, dest: memoryview) -> int:
         """For the StreamWriter thread: bytes it was told are final. No lock: the staging
@@ -251,8 +297,7 @@ class OpenFile:
                 self._written_end = 0
             elif self._seq_end is not None and length < self._seq_end:
                 self._seq_end = None
-                if self.stream is not None:
-                    self.stream.limit(length)
+                self._end_stream(length)
             self._written_end = min(self._written_end, length)
             self.size = length
             self.dirty = True
@@ -265,15 +310,9 @@ class OpenFile:
         prepared chunks. Call with the lock held (see locked())."""
         ids: list[ChunkId] = []
         lengths: list[int] = []
-        if self.stream is not None:           # it started at base_limit: 0 or the base's end
-            if self.base_limit:
-                ids, lengths = list(self.base.chunks), list(self.base.lengths)
-            s_ids, s_lengths = self.stream.take(self._seq_end if self._seq_end is not None
-                                                else self.size)
-            ids += s_ids
-            lengths += s_lengths
-            self.stream = None
-        elif self.base_limit > 0:
+        if self.stream is not None:           # its chunks become the end of the base
+            self._end_stream(self._seq_end if self._seq_end is not None else self.size)
+        if self.base_limit > 0:
             clean = min(self.base_limit, min(self.staged) * BLOCK) if self.staged \
                 else self.base_limit
             # the chunks that end at or before the first changed byte are kept as they are

@@ -5,7 +5,8 @@ cutting window by window and keeping the last, unfinished chunk for the next giv
 the whole file), and stores the chunks through a ChunkPipeline (hashed and compressed on a pool,
 committed in batches, each durable but unreferenced until the file's own commit). Closing a
 large file then only has its last few MiB left to do, and memory stays bounded: the bytes
-live in the staging file, not here.
+live in the staging file, not here, and the owner frees them there once durable() reports
+their chunks stored.
 
 Imports no FUSE code and no LMDB.
 """
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from castore import chunking
-from castore.files import ChunkPipeline, Manifest
+from castore.files import ChunkPipeline, Manifest, Prepared
 from castore.ids import ChunkId
 from castore.vfs.readcache import DeadlineError
 
@@ -34,14 +35,17 @@ class StreamWriter:
 
     advance(end): bytes before end are written and final (unless limit() says otherwise).
     limit(offset): bytes from offset on may still change; chunking stops there for good.
+    durable(start): the chunks from index start on whose commit is durable, in file order.
     take(end): stop, and return the stored chunks that cover [origin, origin + their sum),
     all of [origin, end) when nothing was limited. close(): stop and forget.
     Thread-safe; one writer thread and the owner's commit may call it at once.
     """
 
     def __init__(self, origin: int, read_into: Callable[[int, memoryview], int],
-                 pipeline: ChunkPipeline) -> None:
+                 pipeline: ChunkPipeline, after_durable: Callable[[], None] | None = None
+                 ) -> None:
         self.origin = origin
+        self._after_durable = after_durable
         self._read_into = read_into
         self._pipeline = pipeline
         self._cond = threading.Condition()
@@ -52,6 +56,8 @@ class StreamWriter:
         self._stop = False
         self._result: Manifest | None = None
         self._error: BaseException | None = None
+        self._durable_ids: list[ChunkId] = []
+        self._durable_lengths: list[int] = []
         self._thread = threading.Thread(target=self._run, name="castore-vfs-stream",
                                         daemon=True)
         self._thread.start()
@@ -101,9 +107,21 @@ class StreamWriter:
             if finishing and cutter.read_end >= hi and cutter.done:
                 return
 
+    def durable(self, start: int) -> tuple[list[ChunkId], list[int]]:
+        with self._cond:
+            return self._durable_ids[start:], self._durable_lengths[start:]
+
+    def _on_durable(self, batch: list[Prepared]) -> None:
+        with self._cond:
+            self._durable_ids += [p.cid for p in batch]
+            self._durable_lengths += [p.raw_len for p in batch]
+        if self._after_durable is not None:
+            self._after_durable()
+
     def _run(self) -> None:
         try:
-            self._result, _ = self._pipeline.store_chunks(self._chunks())
+            self._result, _ = self._pipeline.store_chunks(self._chunks(),
+                                                          on_durable=self._on_durable)
         except BaseException as exc:    # reported to take(); the commit falls back
             log.warning("background chunking of a file being written failed: %s", exc)
             self._error = exc
