@@ -224,7 +224,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 r_warm_b.append(size / MiB / read_file(local / f"{kind}.bin")[0])
                 os.unlink(target)
             figs.add(f"seq_write_{kind}", "MB/s", w_c, w_b,
-                     "castore: write + close (journaled; large chunks durable); local: write + fdatasync")
+                     "castore: write + close (journaled; large chunks durable); "
+                     "local: write + fdatasync")
             figs.add(f"seq_read_cold_{kind}", "MB/s", r_cold_c, r_cold_b,
                      "after a fresh mount and drop_caches" if cold_ok else "caches NOT dropped")
             figs.add(f"seq_read_warm_{kind}", "MB/s", r_warm_c, r_warm_b, "second read")

@@ -219,9 +219,9 @@ class Files:
 
 class ChunkPipeline:
     """Cuts a large file into chunks, hashes and compresses them on a thread pool, and commits
-    them in batches of about BATCH_BYTES, each batch durable, on a thread of its own. The caller then commits the
-    manifest and the namespace op in its own transaction; until then the chunks have no
-    references, so a crash leaves no half file visible.
+    them in batches of about BATCH_BYTES, each batch durable, on a thread of its own. The
+    caller then commits the manifest and the namespace op in its own transaction; until then
+    the chunks have no references, so a crash leaves no half file visible.
     """
 
     def __init__(self, env: LmdbEnv, store: LmdbStore, pool: ThreadPoolExecutor,

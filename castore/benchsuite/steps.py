@@ -192,10 +192,11 @@ def _sample(survivors: list[LocalPeer], pool: ThreadPoolExecutor) -> tuple[int, 
 
 def restore_after_kill(c: LocalCluster, victim: int, every: float = 0.2) -> dict[str, Any]:
     """kill -9 one peer and time until the survivors hold every chunk's copies again, split
-    into detection (dead), waiting (the down-out interval), settling (from "out" until a survivor
-    has queued repair transfers: the repair loop's settle delay after a membership change and
-    the listing of holdings) and transfer (from there until every copy is back); with the timeline of
-    under-replicated chunks, sampled from the survivors' status every `every` seconds."""
+    into detection (dead), waiting (the down-out interval), settling (from "out" until a
+    survivor has queued repair transfers: the repair loop's settle delay after a membership
+    change and the listing of holdings) and transfer (from there until every copy is back);
+    with the timeline of under-replicated chunks, sampled from the survivors' status every
+    `every` seconds."""
     settle(c)
     total = sum(p.chunks() for p in c.peers)
     dead = c.peers[victim]

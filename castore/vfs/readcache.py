@@ -15,7 +15,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Protocol
 
-from castore.errors import CastoreError, DeadlineError
+from castore.errors import DeadlineError
 from castore.files import Manifest
 from castore.ids import ChunkId
 
