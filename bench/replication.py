@@ -12,7 +12,7 @@ commits two copies before its acknowledgement) and the time of one CLI call (eve
 `add --wait` includes one). Writes bench/results/replication.json and replication.png.
 
     python bench/replication.py --size-mib 256 --runs 3
-    python bench/replication.py --size-mib 1024 --runs 2 --only repair   (replication-partial.*)
+    python bench/replication.py --size-mib 1024 --runs 2 --only repair   (replication-repair.*)
 """
 from __future__ import annotations
 
@@ -184,7 +184,8 @@ def main() -> None:
         result["disk_sync_MBps"] = disk
         result["disk_sync_median"] = statistics.median(disk)
         RESULTS.mkdir(exist_ok=True)
-        name = "replication" if parts == {"writes", "repair", "join"} else "replication-partial"
+        name = "replication" if parts == {"writes", "repair", "join"} else \
+            "replication-" + "-".join(sorted(parts))
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
         plot(result, RESULTS / f"{name}.png")
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}))
