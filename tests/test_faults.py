@@ -193,9 +193,10 @@ def base_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def _round(tmp_path: Path, base: tuple[Path, dict[str, bytes]], i: int
            ) -> tuple[list[Path], dict[str, bytes]]:
     """What round i adds under /i<i>: the base tree, and two new large files (new chunks,
-    stored through the chunk pipeline)."""
+    stored through the chunk pipeline; large enough that an add is still busy with them a
+    while after its first acknowledged group)."""
     fresh = tmp_path / f"new{i}"
-    big = {name: make_file(fresh / name, (17 << 18) + k, seed=SEED * 100 + i * 10 + k)
+    big = {name: make_file(fresh / name, (17 << 20) + k, seed=SEED * 100 + i * 10 + k)
            for k, name in enumerate(("big-a", "big-b"))}
     files = {f"/i{i}/base/{rel}": data for rel, data in base[1].items()}
     files.update({f"/i{i}/new{i}/{name}": data for name, data in big.items()})
@@ -218,8 +219,8 @@ def _aim(rng: random.Random, proc: subprocess.Popen[bytes], out: Path, span: flo
         return "time"
     until = time.monotonic() + 60
     while proc.poll() is None and b"\n" not in out.read_bytes() and time.monotonic() < until:
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 0.2) * span)
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.05) * span)
     return "after-first-ack"
 
 
