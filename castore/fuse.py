@@ -37,8 +37,9 @@ from castore.mounts import MountError  # noqa: E402
 from castore.nssync import Changed, changed_paths, top_level_paths  # noqa: E402
 from castore.ops import Kind, Op  # noqa: E402
 from castore.repo import Repo  # noqa: E402
-from castore.vfs import (Attr, AttributeTooLargeError, DeadlineError,  # noqa: E402
-                         NoAttributeError, NotPermittedError, UnsupportedError, Vfs)
+from castore.vfs import (AccessDeniedError, Attr, AttributeTooLargeError,  # noqa: E402
+                         DeadlineError, NoAttributeError, NotPermittedError, UnsupportedError,
+                         Vfs)
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,7 +62,7 @@ ERRNO: list[tuple[type[BaseException], int]] = [
     (InvalidNameError, errno.EINVAL), (ExistsError, errno.EEXIST),
     (NotEmptyError, errno.ENOTEMPTY), (IntegrityError, errno.EIO),
     (ChunkNotFoundError, errno.EIO), (StorageFullError, errno.ENOSPC),
-    (NoAttributeError, errno.ENODATA), (NotPermittedError, errno.EPERM),
+    (NoAttributeError, errno.ENODATA), (AccessDeniedError, errno.EACCES), (NotPermittedError, errno.EPERM),
     (UnsupportedError, errno.ENOTSUP), (AttributeTooLargeError, errno.E2BIG),
     (DeadlineError, errno.ETIMEDOUT), (PeerUnavailableError, errno.EIO)]
 _LOUD = (errno.EIO, errno.ENOSPC, errno.ETIMEDOUT)
@@ -210,13 +211,7 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
 
     @_translated
     def access(self, path: str, amode: int) -> int:
-        """access(2) where the kernel leaves permissions to the drive (a mount that only
-        root can use): root may read and write anything, and run a file only if one of its
-        x bits is set."""
-        if amode & os.X_OK:
-            a = self._vfs.getattr(path)
-            if a.kind == Kind.FILE and not a.mode & 0o111:
-                raise mfusepy.FuseOSError(errno.EACCES)
+        self._vfs.access(path, bool(amode & os.X_OK))
         return 0
 
     @_translated

@@ -20,7 +20,7 @@ from castore.errors import ExistsError, NotEmptyError, PathNotFoundError
 from castore.namespace import Namespace
 from castore.ops import Kind
 from castore.repo import IngestItem, Repo
-from castore.vfs import NoAttributeError, NotPermittedError, Vfs
+from castore.vfs import AccessDeniedError, NoAttributeError, NotPermittedError, Vfs
 from castore.vfs import openfile, staging
 
 HIDDEN = "/.fuse_hidden0000000100000002"
@@ -346,3 +346,17 @@ def test_streamed_chunks_move_from_staging_into_the_base(vfs: Vfs, repo: Repo) -
     assert _read_all(vfs, "/big") == data
     assert [len(c) for c in chunking.split(bytes(data))][1:-2] == \
         list(repo.manifest_of("/big").lengths)[1:-2]
+
+
+def test_access_runs_only_files_with_an_x_bit(vfs: Vfs) -> None:
+    _write(vfs, "/plain", b"data")
+    vfs.chmod("/plain", 0o644)
+    vfs.access("/plain", execute=False)
+    with pytest.raises(AccessDeniedError):
+        vfs.access("/plain", execute=True)
+    vfs.chmod("/plain", 0o700)
+    vfs.access("/plain", execute=True)
+    vfs.mkdir("/d", 0o600)
+    vfs.access("/d", execute=True)                 # root may enter any directory
+    with pytest.raises(PathNotFoundError):
+        vfs.access("/missing", execute=True)

@@ -5,9 +5,9 @@ No FUSE import here: castore.fuse adapts this to mfusepy, and tests drive it dir
 """
 from __future__ import annotations
 
-from castore.vfs.fs import (Attr, AttributeTooLargeError, NoAttributeError, NotPermittedError,
-                            Opened, UnsupportedError, Vfs)
+from castore.vfs.fs import (AccessDeniedError, Attr, AttributeTooLargeError, NoAttributeError,
+                            NotPermittedError, Opened, UnsupportedError, Vfs)
 from castore.vfs.readcache import DeadlineError
 
-__all__ = ["Attr", "AttributeTooLargeError", "DeadlineError", "NoAttributeError",
-           "NotPermittedError", "Opened", "UnsupportedError", "Vfs"]
+__all__ = ["AccessDeniedError", "Attr", "AttributeTooLargeError", "DeadlineError",
+           "NoAttributeError", "NotPermittedError", "Opened", "UnsupportedError", "Vfs"]

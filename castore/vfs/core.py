@@ -31,7 +31,8 @@ from castore.vfs.committer import AttrChange, Closing, Committer
 from castore.vfs.openfile import FileServices, OpenFile
 from castore.vfs.readcache import Budget, DeadlineError
 from castore.vfs.source import StoreSource
-from castore.vfs.types import HIDDEN, Attr, Handle, Target, apply_attrs, overlaid
+from castore.vfs.types import (HIDDEN, AccessDeniedError, Attr, Handle, Target, apply_attrs,
+                               overlaid)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -262,6 +263,15 @@ class VfsCore:
                 self._stat_cache[path] = (txn_id, gen, attr)
             return attr
         return self._stable(run)
+
+    def access(self, path: str | bytes, execute: bool) -> None:
+        """access(2) where the kernel leaves permissions to the drive (a mount only root can
+        use), with root's rules: read and write anything, run a file only if one of its x
+        bits is set (AccessDeniedError otherwise)."""
+        if execute:
+            a = self.getattr(path)
+            if a.kind == Kind.FILE and not a.mode & 0o111:
+                raise AccessDeniedError(f"{os.fsdecode(path)} has no x bit")
 
     def _txn_id(self) -> int:
         """The last committed transaction (taken before a read, it dates what it finds)."""

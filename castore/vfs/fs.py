@@ -18,8 +18,8 @@ listings nor keep a directory from being removed.
 from __future__ import annotations
 
 from castore.vfs.edits import NamespaceEdits
-from castore.vfs.types import (Attr, AttributeTooLargeError, NoAttributeError, NotPermittedError,
-                               Opened, UnsupportedError)
+from castore.vfs.types import (AccessDeniedError, Attr, AttributeTooLargeError, NoAttributeError,
+                               NotPermittedError, Opened, UnsupportedError)
 from castore.vfs.xattrs import XattrOps
 
 
@@ -31,5 +31,5 @@ class Vfs(NamespaceEdits, XattrOps):
     """
 
 
-__all__ = ["Attr", "AttributeTooLargeError", "NoAttributeError", "NotPermittedError",
-           "Opened", "UnsupportedError", "Vfs"]
+__all__ = ["AccessDeniedError", "Attr", "AttributeTooLargeError", "NoAttributeError",
+           "NotPermittedError", "Opened", "UnsupportedError", "Vfs"]

@@ -27,6 +27,10 @@ class NotPermittedError(CastoreError):
     """The operation is refused here: hard links, writing castore's own xattrs (EPERM)."""
 
 
+class AccessDeniedError(CastoreError):
+    """access(2) refused: running a file that has no x bit (EACCES)."""
+
+
 class UnsupportedError(CastoreError):
     """The drive does not support this (ENOTSUP): xattrs outside the user namespace, ..."""
 
