@@ -142,6 +142,8 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
     # -- attributes -----------------------------------------------------------------------
     @_translated
     def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
+        """Defined so that mfusepy registers the getattr callback; the mount serves it
+        through _Fuse.getattr_fuse_3 and attr() below, without the dict."""
         return _stat(self._vfs.getattr(path, _fh(fh)))
 
     @_translated
