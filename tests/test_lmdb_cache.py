@@ -1,0 +1,94 @@
+"""Drop-behind of bulk commits: the pages a large commit appends to data.mdb leave the page
+cache once they are durable; small commits keep theirs. Residency is read with mincore(2)."""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+
+from castore.ids import ChunkId
+from castore.store.lmdb import LmdbEnv, LmdbStore
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PAGE = mmap.PAGESIZE
+
+
+def resident_fraction(path: Path, start: int, end: int) -> float:
+    """Fraction of the file's pages in [start, end) that are in the page cache."""
+    start -= start % PAGE
+    length = end - start
+    pages = (length + PAGE - 1) // PAGE
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        # a private map is writable for ctypes, and mincore reports the file's cache for it
+        m = mmap.mmap(f.fileno(), start + length, access=mmap.ACCESS_COPY)
+        view = (ctypes.c_char * len(m)).from_buffer(m)
+        try:
+            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(view) + start),
+                             ctypes.c_size_t(length), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del view
+            m.close()
+    return sum(v & 1 for v in vec) / pages
+
+
+def append_chunks(env: LmdbEnv, store: LmdbStore, total: int) -> tuple[int, int]:
+    """Put `total` bytes of random chunks in one commit; return the byte range it appended."""
+    before = (int(env.env.info()["last_pgno"]) + 1) * PAGE
+    items = []
+    for _ in range(total >> 20):
+        data = os.urandom(1 << 20)
+        items.append((ChunkId.of(data), data))
+    assert store.put_many(items) == len(items)
+    after = (int(env.env.info()["last_pgno"]) + 1) * PAGE
+    return before, after
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_a_bulk_commit_leaves_the_page_cache(tmp_path: Path, drop: bool) -> None:
+    env = LmdbEnv(tmp_path / "db")
+    try:
+        if not drop:
+            env.drop_behind = 0
+        store = LmdbStore(env, level=0)
+        start, end = append_chunks(env, store, 16 << 20)
+        assert end - start >= 16 << 20
+        frac = resident_fraction(tmp_path / "db" / "data.mdb", start, end)
+        if drop:
+            assert frac < 0.1, f"{frac:.0%} of the appended pages are still cached"
+        else:
+            assert frac > 0.9, f"only {frac:.0%} of the appended pages are cached"
+        # the data reads back whole from disk
+        with env.env.begin() as txn:
+            assert txn.stat(env.dbs["chunks"])["entries"] == 16
+        assert all(len(store.get(cid)) == 1 << 20 for cid in store.ids())
+    finally:
+        env.close()
+
+
+def test_a_small_commit_keeps_its_pages(tmp_path: Path) -> None:
+    env = LmdbEnv(tmp_path / "db")
+    try:
+        store = LmdbStore(env, level=0)
+        start, end = append_chunks(env, store, 4 << 20)
+        assert resident_fraction(tmp_path / "db" / "data.mdb", start, end) > 0.9
+    finally:
+        env.close()
+
+
+def test_chunks_handed_to_replication_stay_cached(tmp_path: Path) -> None:
+    """Replication reads a commit's new chunks right after it: those pages are kept."""
+    env = LmdbEnv(tmp_path / "db")
+    handed: list[ChunkId] = []
+    env.on_commit = handed.extend
+    try:
+        store = LmdbStore(env, level=0)
+        start, end = append_chunks(env, store, 16 << 20)
+        assert len(handed) == 16
+        assert resident_fraction(tmp_path / "db" / "data.mdb", start, end) > 0.9
+    finally:
+        env.close()
