@@ -17,8 +17,10 @@ import argparse
 import compileall
 import json
 import os
+import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,15 +61,33 @@ class Daemon:
                 self.proc.wait()
 
 
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def add_time(src: Path, home: Path, recursive: bool, daemon: bool,
-             env: dict[str, str] | None = None) -> float:
+             env: dict[str, str] | None = None, cores: list[float] | None = None) -> float:
+    """Seconds of one `castore add`; appends to cores the CPU it used (the client's, plus the
+    daemon's) per second of the run: 2.0 would be both cores busy throughout."""
     shutil.rmtree(home, ignore_errors=True)
     run(castore_cmd() + ["init", "--home", str(home)], env=env)
     args = castore_cmd() + ["add", "-q", "--home", str(home), str(src)] + (
         ["-r"] if recursive else [])
     d = Daemon(home) if daemon else None
     try:
-        return timed(lambda: run(args, env=env))
+        cpu0 = children_cpu_s() + (proc_cpu_s(d.proc.pid) if d else 0.0)
+        seconds = timed(lambda: run(args, env=env))
+        cpu = children_cpu_s() + (proc_cpu_s(d.proc.pid) if d else 0.0) - cpu0
+        if cores is not None:
+            cores.append(cpu / seconds)
+        return seconds
     finally:
         if d:
             d.stop()
@@ -126,14 +146,20 @@ def main() -> int:
                 f.read_bytes() if nbytes <= (2 << 30) else None   # warm the page cache
             base, base_runs = median_of(args.runs, lambda i: cp_time(src, work / "copy.bin"))
             hashed, _ = median_of(args.runs, lambda i: blake3_seconds(src))
-            offline, off_runs = median_of(args.runs, lambda i: add_time(src, home, False, False))
-            daemon, d_runs = median_of(args.runs, lambda i: add_time(src, home, False, True))
+            off_cores: list[float] = []
+            d_cores: list[float] = []
+            offline, off_runs = median_of(
+                args.runs, lambda i: add_time(src, home, False, False, cores=off_cores))
+            daemon, d_runs = median_of(
+                args.runs, lambda i: add_time(src, home, False, True, cores=d_cores))
             st = stats(home)
             entry = {"bytes": nbytes, "cp_sync_mb_s": nbytes / base / 1e6,
                      "blake3_mb_s": nbytes / hashed / 1e6,
                      "castore_offline_mb_s": nbytes / offline / 1e6,
                      "castore_daemon_mb_s": nbytes / daemon / 1e6,
                      "ratio_offline_vs_cp": base / offline, "ratio_daemon_vs_cp": base / daemon,
+                     "cores_used_offline": statistics.median(off_cores),
+                     "cores_used_daemon": statistics.median(d_cores),
                      "runs_s": {"cp": base_runs, "offline": off_runs, "daemon": d_runs},
                      "compression_ratio": float(st["compression_ratio"])}
             fig[label] = entry
