@@ -253,7 +253,8 @@ class ChunkPipeline:
 
         def commit(items: list[Prepared]) -> int:
             return self.env.write(lambda t: sum(
-                self.store.put_encoded_in(t, p.cid, p.raw_len, p.codec, p.stored) for p in items))
+                self.store.put_encoded_in(t, p.cid, p.raw_len, p.codec, p.stored) for p in items),
+                bulk=True)
 
         def landed() -> None:
             nonlocal new

@@ -1,5 +1,6 @@
-"""Drop-behind of bulk commits: the pages a large commit appends to data.mdb leave the page
-cache once they are durable; small commits keep theirs. Residency is read with mincore(2)."""
+"""Drop-behind of bulk commits: the pages a large commit of chunk bytes appends to data.mdb
+leave the page cache once they are durable; small commits, namespace commits and chunks handed
+to replication keep theirs. Residency is read with mincore(2)."""
 from __future__ import annotations
 
 import ctypes
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from castore.ids import ChunkId
-from castore.store.lmdb import LmdbEnv, LmdbStore
+from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PAGE = mmap.PAGESIZE
@@ -90,5 +91,22 @@ def test_chunks_handed_to_replication_stay_cached(tmp_path: Path) -> None:
         start, end = append_chunks(env, store, 16 << 20)
         assert len(handed) == 16
         assert resident_fraction(tmp_path / "db" / "data.mdb", start, end) > 0.9
+    finally:
+        env.close()
+
+
+def test_a_large_namespace_commit_keeps_its_pages(tmp_path: Path) -> None:
+    """Only bulk (chunk) commits drop behind: lookups read namespace pages next."""
+    env = LmdbEnv(tmp_path / "db")
+    try:
+        before = (int(env.env.info()["last_pgno"]) + 1) * PAGE
+
+        def run(t: LmdbTxn) -> None:
+            for i in range(16):
+                t.put("nodes", b"n%02d" % i, os.urandom(1 << 20))
+        env.write(run)
+        end = (int(env.env.info()["last_pgno"]) + 1) * PAGE
+        assert end - before >= 16 << 20
+        assert resident_fraction(tmp_path / "db" / "data.mdb", before, end) > 0.9
     finally:
         env.close()

@@ -117,7 +117,7 @@ class RepoHoldings:
                 else:
                     self.store.put_encoded_in(t, cid, chunk.raw_len, chunk.codec, chunk.data)
         if ok:
-            self.env.write(run)
+            self.env.write(run, bulk=True)
         return [c for c, _ in ok], rejected
 
     def delete_many(self, ids: list[ChunkId]) -> None:

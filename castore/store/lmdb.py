@@ -162,13 +162,14 @@ class LmdbEnv:
             self._data_fd = -1
 
     def _drop_behind(self, last_pgno: int) -> None:
-        """Bulk data is written once and read much later: a commit that appended at least
-        drop_behind bytes asks the kernel to drop the pages it wrote from the page cache (they
-        are clean after the durable commit), so an ingest recycles a small set of cache pages
-        instead of pushing out everything else; where fresh cache pages are costly (virtual
-        machines that hand freed memory back to the host) it also makes large commits faster.
-        Not done for chunks handed to on_commit: replication reads those right away. The few
-        B-tree pages among those appended are read back from disk when next needed."""
+        """Chunk bytes are written once and read much later: a bulk commit that appended at
+        least drop_behind bytes asks the kernel to drop the pages it wrote from the page cache
+        (they are clean after the durable commit), so an ingest recycles a small set of cache
+        pages instead of pushing out everything else; where fresh cache pages are costly
+        (virtual machines that hand freed memory back to the host) it also makes large commits
+        faster. Namespace commits keep their pages (lookups read them next), and so do chunks
+        handed to on_commit: replication reads those right away. The few B-tree pages of the
+        chunk tables among those appended are read back from disk when next needed."""
         end = int(self.env.info()["last_pgno"])
         if (end - last_pgno) * self._psize >= self.drop_behind > 0:
             try:
@@ -202,8 +203,10 @@ class LmdbEnv:
             self._grow(0)          # another process grew the map: adopt its size
         raise RepoError("the store's map keeps changing size under this reader")
 
-    def write(self, fn: Callable[[LmdbTxn], T]) -> T:
-        """Run fn in a write transaction and commit durably. Retries fn after growing the map."""
+    def write(self, fn: Callable[[LmdbTxn], T], bulk: bool = False) -> T:
+        """Run fn in a write transaction and commit durably. Retries fn after growing the map.
+        bulk: the commit stores chunk bytes only (no namespace records): its pages may leave
+        the page cache once durable (see _drop_behind)."""
         if self._readonly:
             raise RepoError("the store is open read-only")
         if not self._write_mutex.acquire(timeout=self.write_wait):
@@ -228,7 +231,7 @@ class LmdbEnv:
                         if new and self.on_commit is not None and \
                                 not wrapped.cache.get(QUIET):
                             self.on_commit(new)  # type: ignore[arg-type]
-                        else:       # nobody here reads these pages soon
+                        elif bulk:      # nobody here reads these pages soon
                             self._drop_behind(last_pgno)
                         for hook in wrapped.after_commit:
                             try:
@@ -382,7 +385,8 @@ class LmdbStore:
             tag, stored = codec.encode(data, self.level)
             encoded.append((cid, len(data), tag, stored))
         return self.env.write(
-            lambda t: sum(self.put_encoded_in(t, c, n, g, s) for c, n, g, s in encoded))
+            lambda t: sum(self.put_encoded_in(t, c, n, g, s) for c, n, g, s in encoded),
+            bulk=True)
 
     def delete(self, cid: ChunkId) -> None:
         self.env.write(lambda t: self.delete_in(t, cid))
