@@ -70,9 +70,16 @@ class Readahead:
         self.window = window
         self._until = 0
 
+    @classmethod
+    def for_file(cls, size: int) -> Readahead:
+        """The readahead of one file of `size` bytes: its window no larger than the file.
+        Asking for a window costs even when it is cached (about 235 us for 8 MiB here), so
+        a small file must not pay for a large one."""
+        return cls(min(WINDOW, size))
+
     def after(self, view: bytes | memoryview) -> None:
         """view was just read from the map: ask for the bytes that follow it."""
-        if _libc is None or not len(view):
+        if _libc is None or not len(view) or self.window <= 0:
             return
         try:
             addr, n = address(view)

@@ -49,7 +49,7 @@ class FileServices:
     staging_dir: Path
     level: int
     pipeline: Callable[[], ChunkPipeline]
-    readahead: Callable[[], object]
+    readahead: Callable[[int], object]     # a file's size -> its Readahead
     lock_timeout: float = 30.0
     # a new function per streamed file that drops what the store's file gained from the
     # page cache (castore.vfs.source.StoreSource.cache_dropper)
@@ -102,7 +102,7 @@ class OpenFile:
         self.staging: Staging | None = None
         self.stream: StreamWriter | None = None
         self.reader = ChunkReader(base, self.svc.source, self.svc.read_pool, self.svc.budget,
-                                  self.svc.readahead())
+                                  self.svc.readahead(base.size))
         self._seq_end: int | None = base.size     # appends from here on can be streamed
         self._written_end = base.size
         self._absorbed = 0                  # chunks of the stream taken into base
@@ -262,7 +262,8 @@ class OpenFile:
         prefix = self.base if start else EMPTY
         base = Manifest(prefix.chunks + tuple(ids), prefix.lengths + tuple(lengths))
         old, self.reader = self.reader, ChunkReader(base, self.svc.source, self.svc.read_pool,
-                                                    self.svc.budget, self.svc.readahead())
+                                                    self.svc.budget,
+                                                    self.svc.readahead(base.size))
         old.close()
         self.base = base
         self.base_limit = self._absorbed_end = base.size

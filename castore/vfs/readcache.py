@@ -86,8 +86,12 @@ class ChunkReader:
                 self._budget.give(n)
             self._charged.clear()
 
+    def _ahead(self, i: int) -> object:
+        """The readahead for a read of chunk i: none for the file's last chunk."""
+        return self._readahead if i + 1 < len(self.manifest.chunks) else None
+
     def _probe(self, i: int) -> bytes:
-        data = self._source.probe(self.manifest.chunks[i], self._readahead)
+        data = self._source.probe(self.manifest.chunks[i], self._ahead(i))
         if data is None:
             return _RAW
         with self._mutex:
@@ -163,7 +167,7 @@ class ChunkReader:
             n = min(want - done, m.lengths[i] - start)
             piece = dest[done:done + n]
             if data is _RAW:
-                got = self._source.copy(m.chunks[i], start, piece, self._readahead)
+                got = self._source.copy(m.chunks[i], start, piece, self._ahead(i))
                 if got is None:             # re-stored compressed meanwhile: probe again
                     self._forget(i, self._chunks.get(i) or Future())
                     continue
