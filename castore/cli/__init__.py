@@ -39,14 +39,12 @@ class Context:
         """The running daemon (RemoteRepo), or with offline_ok the repo opened directly."""
         # no socket, no daemon: the offline path never loads gRPC (a tenth of a second)
         if self.config.socket_path.exists():
-            from castore.rpc.client import RemoteRepo, daemon_running
-            running = daemon_running(self.config)
-        else:
-            running = False
-        if running:
-            with RemoteRepo(self.config) as remote, _startup_frozen():
-                yield remote
-            return
+            from castore.rpc.client import RemoteRepo
+            with RemoteRepo(self.config) as remote:
+                if remote.serving():          # the command's calls reuse this connection
+                    with _startup_frozen():
+                        yield remote
+                    return
         if not offline_ok:
             from castore.errors import PeerUnavailableError
             raise PeerUnavailableError(f"no castore daemon is running on {self.config.home} "
