@@ -37,9 +37,10 @@ class AddResult:
     error: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class IngestItem:
-    """One thing to add: a local file (source), in-memory bytes (data), chunks, dir or symlink."""
+    """One thing to add: a local file (source), in-memory bytes (data), chunks, dir or symlink.
+    Slotted: an add of a large tree holds one per file, and the cyclic collector rescans them."""
 
     dest: str
     kind: Kind = Kind.FILE

@@ -110,3 +110,29 @@ def test_the_check_catches_a_planted_violation(tmp_path: Path) -> None:
     layers, _, _ = _contracts()
     level = {m: i for i, layer in enumerate(layers) for m in layer}
     assert level["castore.rpc"] < level["castore.store"]
+
+
+def test_the_package_facade_loads_the_store_on_first_use() -> None:
+    import castore
+    import castore.store
+    assert castore.MemoryStore is castore.store.MemoryStore
+    assert castore.BlobStore is castore.store.BlobStore
+    try:
+        castore.NoSuchName  # noqa: B018
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("castore.NoSuchName resolved")
+
+
+def test_a_client_of_the_daemon_does_not_load_the_store() -> None:
+    """A CLI run that talks to the daemon imports the client, never the store (nor zstandard
+    or lmdb): every CLI run is a fresh process, and its start-up is the wait for the daemon."""
+    import subprocess
+    import sys
+    code = ("import sys, castore, castore.cli, castore.rpc.client; castore.cli.build_parser(); "
+            "print(sorted(m for m in ('castore.store', 'castore.mounts', 'zstandard', 'lmdb') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]", out

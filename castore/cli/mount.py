@@ -7,7 +7,6 @@ import os
 import time
 from typing import Any
 
-from castore import mounts
 from castore.errors import UsageError
 
 
@@ -61,6 +60,7 @@ def _gone(pid: int | None) -> bool:
 
 
 def cmd_umount(ctx: Any) -> int:
+    from castore import mounts     # lazily: every command builds this parser
     mp = os.path.realpath(ctx.args.dir) if os.path.exists(ctx.args.dir) else \
         os.path.abspath(ctx.args.dir)
     entry = mounts.find(mp)

@@ -28,15 +28,8 @@ def daemon_running(config: Config, timeout: float = 2.0) -> bool:
     """True if a daemon answers health checks on the repo's socket."""
     if not config.socket_path.exists():
         return False
-    channel = grpc.insecure_channel("unix:" + str(config.socket_path))
-    try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
-    finally:
-        channel.close()
+    with RemoteRepo(config) as remote:
+        return remote.serving(timeout)
 
 
 class RemoteRepo:
@@ -50,6 +43,16 @@ class RemoteRepo:
 
     def close(self) -> None:
         self._channel.close()
+
+    def serving(self, timeout: float = 2.0) -> bool:
+        """True if a daemon answers health checks on the socket. The connection it opens is
+        the one later calls use."""
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.RpcError:
+            return False
 
     def __enter__(self) -> RemoteRepo:
         return self
