@@ -62,8 +62,7 @@ class VfsCore:
             budget=Budget(),
             staging_dir=self.staging_dir, level=self._store.level,
             pipeline=lambda: ChunkPipeline(self._env, self._store, self._write_pool),
-            readahead=Readahead.for_file, lock_timeout=lock_timeout,
-            cache_dropper=source.cache_dropper)
+            readahead=Readahead.for_file, lock_timeout=lock_timeout)
         self._mutex = threading.Lock()      # the registries below; held only briefly
         self._open: dict[NodeId, OpenFile] = {}
         self._pending: dict[tuple[NodeId, bytes], OpenFile] = {}

@@ -51,9 +51,6 @@ class FileServices:
     pipeline: Callable[[], ChunkPipeline]
     readahead: Callable[[int], object]     # a file's size -> its Readahead
     lock_timeout: float = 30.0
-    # a new function per streamed file that drops what the store's file gained from the
-    # page cache (castore.vfs.source.StoreSource.cache_dropper)
-    cache_dropper: Callable[[], Callable[[], None]] | None = None
 
 
 @dataclass
@@ -229,10 +226,8 @@ class OpenFile:
                 self.stream.advance(end)
             elif end - self.base_limit >= STREAM_FROM and self.staging is not None and \
                     self.staging.fd is not None:
-                dropper = self.svc.cache_dropper
                 self.stream = StreamWriter(self.base_limit, self._stream_read,
-                                           self.svc.pipeline(),
-                                           dropper() if dropper is not None else None)
+                                           self.svc.pipeline())
                 self._absorbed, self._absorbed_end = 0, self.base_limit
                 self.stream.advance(end)
         elif seq is not None:

@@ -4,7 +4,6 @@ Imports no FUSE code.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from castore import codec
@@ -35,38 +34,6 @@ class StoreSource:
             verify(cid, data)
             return bytes(data)
         return self._read(run, cid)  # type: ignore[return-value]
-
-    def cache_dropper(self) -> Callable[[], None]:
-        """A function that, each time it is called, asks the kernel to drop from its page
-        cache the pages the store's file gained since the previous call (the first call:
-        since this one). A file being written streams its chunks into the store in durable
-        batches: their pages in the cache are clean once committed, and freed at once they
-        are reused by the next batch's writes, which on this kind of virtual machine is
-        several times faster than filling pages the host has to provide anew. Reads of
-        those chunks then come from disk; re-reads through the mount are served from the
-        drive's own page cache. Only a hint: nothing here changes what is stored."""
-        env = self._store.env
-        path = env.path / "data.mdb"
-
-        def end() -> int:
-            info = env.env.info()
-            return (int(info["last_pgno"]) + 1) * int(env.env.stat()["psize"])
-
-        mark = [end()]
-
-        def drop() -> None:
-            try:
-                now = end()
-                if now > mark[0]:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        os.posix_fadvise(fd, mark[0], now - mark[0], os.POSIX_FADV_DONTNEED)
-                    finally:
-                        os.close(fd)
-                    mark[0] = now
-            except (OSError, AttributeError):   # a hint: a failure changes nothing
-                pass
-        return drop
 
     def copy(self, cid: ChunkId, offset: int, dest: memoryview, readahead: object
              ) -> int | None:

@@ -42,10 +42,8 @@ class StreamWriter:
     """
 
     def __init__(self, origin: int, read_into: Callable[[int, memoryview], int],
-                 pipeline: ChunkPipeline, after_durable: Callable[[], None] | None = None
-                 ) -> None:
+                 pipeline: ChunkPipeline) -> None:
         self.origin = origin
-        self._after_durable = after_durable
         self._read_into = read_into
         self._pipeline = pipeline
         self._cond = threading.Condition()
@@ -115,8 +113,6 @@ class StreamWriter:
         with self._cond:
             self._durable_ids += [p.cid for p in batch]
             self._durable_lengths += [p.raw_len for p in batch]
-        if self._after_durable is not None:
-            self._after_durable()
 
     def _run(self) -> None:
         try:
