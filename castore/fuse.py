@@ -330,6 +330,13 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
 
+# libfuse worker threads (by threading.get_ident) that keep their Python thread state; a
+# worker that ends leaves its state behind (libfuse 3 keeps its workers while mounted)
+_PINNED: set[int] = set()
+_gil_ensure = ctypes.pythonapi.PyGILState_Ensure
+_gil_ensure.restype = ctypes.c_int
+
+
 def _buffer(ptr: Any, size: int) -> memoryview:
     """A writable view of size bytes of libfuse's buffer (no copy)."""
     addr = ctypes.cast(ptr, ctypes.c_void_p).value or 0
@@ -340,6 +347,18 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with the few calls it gets wrong for castore overridden: rename keeps
     its renameat2 flags, truncate its file handle, and read/write move bytes between the vfs
     and libfuse's buffers directly instead of through intermediate bytes objects."""
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """Every callback passes here (mfusepy's error handling). libfuse's worker threads
+        are not Python threads, so ctypes would create a Python thread state for each call
+        and destroy it after (an mmap, munmap and gettid per request, and cold caches):
+        the first call on a thread takes one more GIL-state reference that is never given
+        back, so the thread keeps its state for every later call."""
+        tid = threading.get_ident()
+        if tid not in _PINNED:
+            _PINNED.add(tid)
+            _gil_ensure()
+        return super()._wrapper(func, *args, **kwargs)
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return int(self.operations.rename(old.decode(self.encoding, self.errors),
