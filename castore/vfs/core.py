@@ -215,18 +215,16 @@ class VfsCore:
             raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
         return child
 
-    def _parent(self, txn: LmdbTxn, path: str | bytes) -> tuple[Node, bytes]:
+    def _parent(self, txn: LmdbTxn, path: str | bytes, read_only: bool = False
+                ) -> tuple[Node, bytes]:
         """The directory a new entry goes in, and its name. ExistsError if the name is taken
-        (by a committed entry or a file being created)."""
+        (by a committed entry or a file being created). read_only: txn is a read
+        transaction, whose snapshot can date the cached directories of _dir_at (a write
+        transaction's id is not final until it commits)."""
         parts = split_path(path)
         if not parts:
             raise ExistsError("/ exists")
-        node = self._ns.get(txn, ROOT)
-        assert node is not None
-        for part in parts[:-1]:
-            node = self._child_dir(txn, node, part, path)
-        if node.kind != Kind.DIR:
-            raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+        node = self._dir_at(txn, parts[:-1], path, txn.txn_id() if read_only else 0)
         if self._ns.lookup_view(txn, node.id, parts[-1]) is not None or \
                 (node.id, parts[-1]) in self._pending:
             raise ExistsError(f"{os.fsdecode(path)} exists")
