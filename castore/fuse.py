@@ -147,8 +147,11 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         return _stat(self._vfs.getattr(path, _fh(fh)))
 
     @_translated
-    def attr(self, path: str | None, fh: int | None) -> Attr:
-        """getattr as an Attr (_Fuse fills libfuse's struct stat from it)."""
+    def attr(self, path: str | None, fh: int | None) -> Attr | None:
+        """getattr as an Attr (_Fuse fills libfuse's struct stat from it); None for a path
+        whose last component does not exist (ENOENT without an exception)."""
+        if fh is None and path is not None:
+            return self._vfs.lookup(path)
         return self._vfs.getattr(path, fh)
 
     @_translated
@@ -374,14 +377,16 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
 
     def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         """stat, the most frequent request: the struct is filled from the Attr directly
-        (mfusepy goes through a dict), and a missing path is returned as ENOENT rather than
-        raised through mfusepy (each new name a program creates is looked up first)."""
+        (mfusepy goes through a dict), and a missing path is returned as ENOENT without any
+        exception (each new name a program creates is looked up first)."""
         fh = int(fip.contents.fh) if fip else None
         try:
             a = self.operations.attr(None if path is None else
                                      path.decode(self.encoding, self.errors), fh)
         except mfusepy.FuseOSError as exc:
             return -int(exc.errno or errno.EIO)
+        if a is None:
+            return -errno.ENOENT
         ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
         st = buf.contents
         st.st_mode = _TYPE[a.kind] | a.mode

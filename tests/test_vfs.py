@@ -142,6 +142,24 @@ def test_fsync_and_writes_after_a_close_do_not_wait_for_the_linger(
     assert time.monotonic() - start < 10
 
 
+def test_lookup_answers_a_missing_name_with_none(vfs: Vfs) -> None:
+    """lookup is getattr for the kernel's LOOKUP: None for a missing last component, the
+    attributes otherwise (files being created included), errors for a missing directory."""
+    assert vfs.lookup("/nothing") is None
+    h = vfs.create("/new", 0o600, os.O_WRONLY)
+    vfs.write(h.fh, 0, b"abc")
+    got = vfs.lookup("/new")
+    assert got is not None and (got.size, got.mode) == (3, 0o600)
+    vfs.flush(h.fh)
+    vfs.release(h.fh)
+    vfs.settle()
+    assert vfs.lookup("/new") == vfs.getattr("/new")
+    with pytest.raises(PathNotFoundError):
+        vfs.lookup("/nodir/x")
+    with pytest.raises(PathNotFoundError):
+        vfs.getattr("/nothing")
+
+
 def test_random_operations_match_a_model(vfs: Vfs) -> None:
     # a new seed every run; CASTORE_TEST_SEED replays one a failure printed
     seed = int(os.environ.get("CASTORE_TEST_SEED") or random.SystemRandom().randrange(1 << 32))

@@ -142,22 +142,26 @@ class VfsCore:
             raise InvalidNameError(f"no open file with handle {fh}")
         return h
 
-    def _resolve(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0) -> Target:
+    def _resolve(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0,
+                 missing_ok: bool = False) -> Target:
         """What path names. With txn_id (the last commit before txn began), a committed
         node found for this path since then is taken from a cache: walking a path costs a
-        lookup and a decode per component, and programs reopen the same paths a lot."""
+        lookup and a decode per component, and programs reopen the same paths a lot. With
+        missing_ok, a missing last component gives a Target with neither node nor open file
+        instead of PathNotFoundError."""
         if txn_id:
             hit = self._resolved.get(path)
             if hit is not None and hit[0] == txn_id:
                 return Target(hit[1], self._open.get(hit[1].id), hit[2])
-        target = self._walk(txn, path, txn_id)
+        target = self._walk(txn, path, txn_id, missing_ok)
         if txn_id and target.node is not None:
             if len(self._resolved) > STAT_CACHE:
                 self._resolved.clear()
             self._resolved[path] = (txn_id, target.node, target.version)
         return target
 
-    def _walk(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0) -> Target:
+    def _walk(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0,
+              missing_ok: bool = False) -> Target:
         parts = split_path(path)
         if not parts:
             node = self._ns.get(txn, ROOT)
@@ -177,6 +181,8 @@ class VfsCore:
         of = self._pending.get((node.id, last))
         if of is not None:
             return Target(None, of, None, node, last)
+        if missing_ok:
+            return Target(None, None, None, node, last)
         raise PathNotFoundError(f"no such file or directory: {os.fsdecode(path)}")
 
     def _dir_at(self, txn: LmdbTxn, parts: list[bytes], path: str | bytes,
@@ -246,14 +252,28 @@ class VfsCore:
                             *self._owner(node, of.attrs))
         if path is None:
             raise PathNotFoundError("no path and no open file")
+        attr = self._path_attr(path, False)
+        assert attr is not None
+        return attr
+
+    def lookup(self, path: str | bytes) -> Attr | None:
+        """getattr of a path, or None when its last component does not exist. The kernel
+        looks up each name a program creates before creating it, so a missing name is a
+        common answer: it comes without an exception. A missing directory on the way still
+        raises PathNotFoundError (NotDirectoryError for a file there)."""
+        return self._path_attr(path, True)
+
+    def _path_attr(self, path: str | bytes, missing_ok: bool) -> Attr | None:
         gen = self._gen
         hit = self._stat_cache.get(path)
         if hit is not None and hit[1] == gen and hit[0] == self._txn_id():
             return hit[2]
 
-        def run(t: LmdbTxn) -> Attr:
+        def run(t: LmdbTxn) -> Attr | None:
             txn_id = t.txn_id()
-            target = self._resolve(t, path, txn_id)
+            target = self._resolve(t, path, txn_id, missing_ok)
+            if target.node is None and target.of is None:
+                return None         # read again if a close landed meanwhile (_stable)
             attr = self._attr(t, target)
             if target.of is None and target.node is not None and attr.kind != Kind.DIR:
                 if len(self._stat_cache) > STAT_CACHE:
