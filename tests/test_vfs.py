@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from castore import chunking, files
+from castore import chunking, codec, files
 from castore.errors import ExistsError, NotEmptyError, PathNotFoundError
 from castore.namespace import Namespace
 from castore.ops import Kind
@@ -158,6 +158,18 @@ def test_lookup_answers_a_missing_name_with_none(vfs: Vfs) -> None:
         vfs.lookup("/nodir/x")
     with pytest.raises(PathNotFoundError):
         vfs.getattr("/nothing")
+
+
+def test_small_files_are_compressed_at_their_commit(vfs: Vfs, repo: Repo) -> None:
+    """A close journals its chunks raw (no compression on the way to close returning);
+    the commit stores them compressed when that saves space."""
+    text = b"castore keeps small files compressed. " * 100
+    _write(vfs, "/text", text)
+    _write(vfs, "/noise", os.urandom(4000))
+    for path, tag in (("/text", codec.ZSTD), ("/noise", codec.RAW)):
+        (cid,) = repo.manifest_of(path).chunks
+        assert repo.env.read(lambda t: repo.store.view_in(t, cid)[0]) == tag, path
+    assert _read_all(vfs, "/text") == text
 
 
 def test_random_operations_match_a_model(vfs: Vfs) -> None:

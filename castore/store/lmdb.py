@@ -300,6 +300,14 @@ class LmdbStore:
         txn.count("stored_bytes", len(stored))
         return True
 
+    def put_raw_in(self, txn: LmdbTxn, cid: ChunkId, data: bytes | memoryview) -> bool:
+        """Store raw bytes already verified against cid, compressed here if they are new
+        (a chunk already held costs no compression). True if newly stored."""
+        if self.has_in(txn, cid):
+            return False
+        tag, stored = codec.encode(data, self.level)
+        return self.put_encoded_in(txn, cid, len(data), tag, stored)
+
     def view_in(self, txn: LmdbTxn, cid: ChunkId, readahead: Readahead | None = None
                 ) -> tuple[int, int, memoryview]:
         """(codec, raw length, stored bytes) of a chunk, neither copied nor verified: the view

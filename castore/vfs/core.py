@@ -60,7 +60,7 @@ class VfsCore:
         self._svc = FileServices(
             source=source, read_pool=self._read_pool,
             budget=Budget(),
-            staging_dir=self.staging_dir, level=self._store.level,
+            staging_dir=self.staging_dir,
             pipeline=lambda: ChunkPipeline(self._env, self._store, self._write_pool),
             readahead=Readahead, lock_timeout=lock_timeout, cache_dropper=source.cache_dropper)
         self._mutex = threading.Lock()      # the registries below; held only briefly

@@ -47,7 +47,6 @@ class FileServices:
     read_pool: Executor
     budget: Budget
     staging_dir: Path
-    level: int
     pipeline: Callable[[], ChunkPipeline]
     readahead: Callable[[], object]
     lock_timeout: float = 30.0
@@ -326,7 +325,8 @@ class OpenFile:
             self._read_merged(start, memoryview(buf))
             pieces: list[bytes | memoryview] = [memoryview(buf)] \
                 if len(buf) <= chunking.MIN_SIZE else list(chunking.split(buf))
-            prepared = [prepare(p, self.svc.level) for p in pieces]
+            # hashed only: compression waits for the commit (journal.apply), off the close
+            prepared = [prepare(p, 0) for p in pieces]
             ids += [p.cid for p in prepared]
             lengths += [p.raw_len for p in prepared]
             return Built(Manifest(tuple(ids), tuple(lengths)), prepared)
