@@ -172,6 +172,24 @@ def test_small_files_are_compressed_at_their_commit(vfs: Vfs, repo: Repo) -> Non
     assert _read_all(vfs, "/text") == text
 
 
+def test_landing_wakes_every_waiter_and_hurries_once_per_wait() -> None:
+    hurried: list[int] = []
+    landing = committer.Landing(lambda: hurried.append(1))
+    assert not landing.wait(0.05) and not landing.is_set()
+    woke: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woke.append(landing.wait(10)))
+               for _ in range(3)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.1)
+    landing.set()
+    landing.set()                       # idempotent
+    for t in waiters:
+        t.join(10)
+    assert woke == [True] * 3 and landing.is_set() and landing.wait(0)
+    assert len(hurried) == 4            # each wait that found it unset
+
+
 def test_random_operations_match_a_model(vfs: Vfs) -> None:
     # a new seed every run; CASTORE_TEST_SEED replays one a failure printed
     seed = int(os.environ.get("CASTORE_TEST_SEED") or random.SystemRandom().randrange(1 << 32))

@@ -43,18 +43,37 @@ LINGER = 0.01                   # seconds a group waits for more closes, unless 
 RETRY_FULL = 1.0                # seconds between attempts while the disk is full
 
 
-class Landing(threading.Event):
-    """Set once a close has landed (committed or failed). Waiting for it tells the
-    committer to commit at once instead of letting the group linger."""
+class Landing:
+    """Set once a close has landed (committed or failed): an event for one setter (the
+    committer thread), made of a plain lock because one is made for every close (a
+    threading.Event costs a Condition and an RLock). Waiting for it tells the committer to
+    commit at once instead of letting the group linger."""
+
+    __slots__ = ("_lock", "_set", "_hurry")
 
     def __init__(self, hurry: Callable[[], None] | None = None) -> None:
-        super().__init__()
+        self._lock = threading.Lock()
+        self._lock.acquire()                # held until set()
+        self._set = False
         self._hurry = hurry
 
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
     def wait(self, timeout: float | None = None) -> bool:
-        if self._hurry is not None and not self.is_set():
+        if self._set:
+            return True
+        if self._hurry is not None:
             self._hurry()
-        return super().wait(timeout)
+        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._lock.release()            # the next waiter's turn
+            return True
+        return self._set
 
 
 @dataclass(eq=False, slots=True)
@@ -64,7 +83,7 @@ class Closing:
     intent: Intent
     end: int = 0                                 # journal offset after its record
     owner: object = None                         # the open file, for the landing callback
-    done: threading.Event = field(default_factory=Landing)
+    done: Landing = field(default_factory=Landing)
     seq: int = 0                                 # submission order
     queued: float = 0.0                          # time.monotonic() of the submission
     result: tuple[NodeId, bytes, bytes] | None = None

@@ -25,6 +25,7 @@ from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from castore import chunking
 from castore.files import EMPTY, ChunkPipeline, Manifest, Prepared, prepare
@@ -37,6 +38,12 @@ from castore.vfs.stream import Cutter, StreamWriter
 BLOCK = 64 << 10            # granularity of the written-blocks map below base_limit
 STREAM_FROM = 16 << 20      # bytes appended before chunking starts in the background
 SMALL_COMMIT = 4 << 20      # content up to this size is chunked inside the commit itself
+
+
+class Landing(Protocol):
+    """A close on its way to the store (castore.vfs.committer.Landing)."""
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 @dataclass
@@ -86,7 +93,7 @@ class OpenFile:
         self.dirty = node is None           # a new file is committed even if never written
         # set while a close of this file waits for its group commit (castore.vfs.committer):
         # its content is fixed until then, so writes wait for it
-        self.inflight: threading.Event | None = None
+        self.inflight: Landing | None = None
 
     # -- state ----------------------------------------------------------------------------
     def _set_base(self, base: Manifest, key: bytes | None, ref: bytes) -> None:
