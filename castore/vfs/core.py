@@ -12,9 +12,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,7 +27,7 @@ from castore.store.lmdb import LmdbTxn
 from castore.store.readahead import Readahead
 from castore.journal import Intent
 from castore.vfs.committer import AttrChange, Closing, Committer
-from castore.vfs.openfile import FileServices, OpenFile
+from castore.vfs.openfile import FileServices, Held, OpenFile
 from castore.vfs.readcache import Budget, DeadlineError
 from castore.vfs.source import StoreSource
 from castore.vfs.types import (HIDDEN, AccessDeniedError, Attr, Handle, Target, apply_attrs,
@@ -117,14 +116,11 @@ class VfsCore:
         if self._committer.busy and not self._committer.drain(timeout):
             raise DeadlineError("closed files were not committed in time")
 
-    @contextmanager
-    def _registry(self) -> Iterator[None]:
+    def _registry(self) -> Held:
+        """The registries' lock, for a with block."""
         if not self._mutex.acquire(timeout=REGISTRY_TIMEOUT):
             raise DeadlineError("the drive's open-file table stayed busy")
-        try:
-            yield
-        finally:
-            self._mutex.release()
+        return Held(self._mutex)
 
     def _read_chunk(self, fn: Callable[[LmdbTxn], T], cid: ChunkId) -> T:
         """Run a chunk read; in cluster mode a chunk not held here is fetched first."""
