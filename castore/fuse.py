@@ -147,8 +147,11 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         return _stat(self._vfs.getattr(path, _fh(fh)))
 
     @_translated
-    def attr(self, path: str | None, fh: int | None) -> Attr:
-        """getattr as an Attr (_Fuse fills libfuse's struct stat from it)."""
+    def attr(self, path: str | None, fh: int | None) -> Attr | None:
+        """getattr as an Attr (_Fuse fills libfuse's struct stat from it); None for a path
+        whose last component does not exist (ENOENT without an exception)."""
+        if fh is None and path is not None:
+            return self._vfs.lookup(path)
         return self._vfs.getattr(path, fh)
 
     @_translated
@@ -330,6 +333,13 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
 
+# libfuse worker threads (by threading.get_ident) that keep their Python thread state; a
+# worker that ends leaves its state behind (libfuse 3 keeps its workers while mounted)
+_PINNED: set[int] = set()
+_gil_ensure = ctypes.pythonapi.PyGILState_Ensure
+_gil_ensure.restype = ctypes.c_int
+
+
 def _buffer(ptr: Any, size: int) -> memoryview:
     """A writable view of size bytes of libfuse's buffer (no copy)."""
     addr = ctypes.cast(ptr, ctypes.c_void_p).value or 0
@@ -340,6 +350,18 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with the few calls it gets wrong for castore overridden: rename keeps
     its renameat2 flags, truncate its file handle, and read/write move bytes between the vfs
     and libfuse's buffers directly instead of through intermediate bytes objects."""
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """Every callback passes here (mfusepy's error handling). libfuse's worker threads
+        are not Python threads, so ctypes would create a Python thread state for each call
+        and destroy it after (an mmap, munmap and gettid per request, and cold caches):
+        the first call on a thread takes one more GIL-state reference that is never given
+        back, so the thread keeps its state for every later call."""
+        tid = threading.get_ident()
+        if tid not in _PINNED:
+            _PINNED.add(tid)
+            _gil_ensure()
+        return super()._wrapper(func, *args, **kwargs)
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return int(self.operations.rename(old.decode(self.encoding, self.errors),
@@ -355,14 +377,16 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
 
     def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         """stat, the most frequent request: the struct is filled from the Attr directly
-        (mfusepy goes through a dict), and a missing path is returned as ENOENT rather than
-        raised through mfusepy (each new name a program creates is looked up first)."""
+        (mfusepy goes through a dict), and a missing path is returned as ENOENT without any
+        exception (each new name a program creates is looked up first)."""
         fh = int(fip.contents.fh) if fip else None
         try:
             a = self.operations.attr(None if path is None else
                                      path.decode(self.encoding, self.errors), fh)
         except mfusepy.FuseOSError as exc:
             return -int(exc.errno or errno.EIO)
+        if a is None:
+            return -errno.ENOENT
         ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
         st = buf.contents
         st.st_mode = _TYPE[a.kind] | a.mode

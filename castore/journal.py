@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from castore import codec
 from castore.errors import (CastoreError, ExistsError, PathNotFoundError, RepoError,
                             StorageFullError)
 from castore.files import Files, Manifest, Prepared
@@ -124,7 +125,10 @@ def apply(txn: LmdbTxn, ns: Namespace, files: Files, store: LmdbStore, intent: I
         ns.set_attrs(txn, target, intent.attrs)
         return target.id, b"", b""
     for p in intent.prepared:
-        store.put_encoded_in(txn, p.cid, p.raw_len, p.codec, p.stored)
+        if p.codec == codec.RAW:            # closes journal raw chunks: compressed here
+            store.put_raw_in(txn, p.cid, p.stored)
+        else:
+            store.put_encoded_in(txn, p.cid, p.raw_len, p.codec, p.stored)
     ref = files.put_content_in(txn, intent.manifest)
     size = intent.manifest.size
     if intent.node is None:

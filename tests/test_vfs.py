@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from castore import chunking, files
+from castore import chunking, codec, files
 from castore.errors import ExistsError, NotEmptyError, PathNotFoundError
 from castore.namespace import Namespace
 from castore.ops import Kind
 from castore.repo import IngestItem, Repo
 from castore.vfs import AccessDeniedError, NoAttributeError, NotPermittedError, Vfs
-from castore.vfs import openfile, staging
+from castore.vfs import committer, openfile, staging
 
 HIDDEN = "/.fuse_hidden0000000100000002"
 
@@ -67,6 +67,127 @@ def test_create_is_committed_on_close_with_its_content(vfs: Vfs, repo: Repo) -> 
     entry = repo.stat("/a")
     assert (entry.size, entry.mode, entry.versions) == (5, 0o640, 1)
     assert b"".join(repo.read("/a")) == b"hello"
+
+
+def _count_groups(vfs: Vfs, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the groups the vfs's committer commits from now on."""
+    sizes: list[int] = []
+    commit = committer.Committer._commit
+
+    def counted(self: committer.Committer, group: list[committer.Closing]) -> int:
+        sizes.append(len(group))
+        return commit(self, group)
+    monkeypatch.setattr(committer.Committer, "_commit", counted)
+    return sizes
+
+
+def _close_new(vfs: Vfs, path: str, body: bytes) -> None:
+    h = vfs.create(path, 0o644, os.O_WRONLY)
+    vfs.write(h.fh, 0, body)
+    vfs.flush(h.fh)
+    vfs.release(h.fh)
+
+
+def test_closes_linger_into_one_group_until_someone_waits(vfs: Vfs, repo: Repo,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Closes in quick succession are committed together; whoever waits for a commit
+    (here a change to the tree, which settles first) has it done at once."""
+    monkeypatch.setattr(committer, "LINGER", 60.0)
+    sizes = _count_groups(vfs, monkeypatch)
+    for i in range(5):
+        _close_new(vfs, f"/f{i}", b"x" * i)
+    time.sleep(0.2)
+    assert sizes == []                                  # still filling the group
+    with pytest.raises(PathNotFoundError):
+        repo.stat("/f0")
+    start = time.monotonic()
+    vfs.mkdir("/d")                                     # settles: no linger left to wait
+    vfs.settle()
+    assert time.monotonic() - start < 10
+    assert sizes == [5]
+    assert [repo.stat(f"/f{i}").size for i in range(5)] == list(range(5))
+
+
+def test_a_close_nobody_waits_for_lands_after_the_linger(vfs: Vfs, repo: Repo,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr(committer, "LINGER", 0.3)
+    _close_new(vfs, "/a", b"hello")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert repo.stat("/a").size == 5
+            break
+        except PathNotFoundError:
+            assert time.monotonic() < deadline, "the close never landed"
+            time.sleep(0.05)
+
+
+def test_fsync_and_writes_after_a_close_do_not_wait_for_the_linger(
+        vfs: Vfs, repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close of a descriptor, then more writes through another one and fsync: the writes
+    wait for the first close's commit, and neither waits for its group to fill."""
+    monkeypatch.setattr(committer, "LINGER", 60.0)
+    start = time.monotonic()
+    h = vfs.create("/a", 0o644, os.O_RDWR)
+    h2 = vfs.open("/a", os.O_WRONLY)
+    vfs.write(h.fh, 0, b"one")
+    vfs.flush(h.fh)                                     # journaled, lingering
+    vfs.write(h2.fh, 3, b"two")                         # waits for that commit
+    vfs.fsync(h2.fh)
+    assert repo.stat("/a").size == 6
+    vfs.release(h.fh)
+    vfs.release(h2.fh)
+    assert time.monotonic() - start < 10
+
+
+def test_lookup_answers_a_missing_name_with_none(vfs: Vfs) -> None:
+    """lookup is getattr for the kernel's LOOKUP: None for a missing last component, the
+    attributes otherwise (files being created included), errors for a missing directory."""
+    assert vfs.lookup("/nothing") is None
+    h = vfs.create("/new", 0o600, os.O_WRONLY)
+    vfs.write(h.fh, 0, b"abc")
+    got = vfs.lookup("/new")
+    assert got is not None and (got.size, got.mode) == (3, 0o600)
+    vfs.flush(h.fh)
+    vfs.release(h.fh)
+    vfs.settle()
+    assert vfs.lookup("/new") == vfs.getattr("/new")
+    with pytest.raises(PathNotFoundError):
+        vfs.lookup("/nodir/x")
+    with pytest.raises(PathNotFoundError):
+        vfs.getattr("/nothing")
+
+
+def test_small_files_are_compressed_at_their_commit(vfs: Vfs, repo: Repo) -> None:
+    """A close journals its chunks raw (no compression on the way to close returning);
+    the commit stores them compressed when that saves space."""
+    text = b"castore keeps small files compressed. " * 100
+    _write(vfs, "/text", text)
+    _write(vfs, "/noise", os.urandom(4000))
+    for path, tag in (("/text", codec.ZSTD), ("/noise", codec.RAW)):
+        (cid,) = repo.manifest_of(path).chunks
+        assert repo.env.read(lambda t: repo.store.view_in(t, cid)[0]) == tag, path
+    assert _read_all(vfs, "/text") == text
+
+
+def test_landing_wakes_every_waiter_and_hurries_once_per_wait() -> None:
+    hurried: list[int] = []
+    landing = committer.Landing(lambda: hurried.append(1))
+    assert not landing.wait(0.05) and not landing.is_set()
+    woke: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woke.append(landing.wait(10)))
+               for _ in range(3)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.1)
+    landing.set()
+    landing.set()                       # idempotent
+    for t in waiters:
+        t.join(10)
+    assert woke == [True] * 3 and landing.is_set() and landing.wait(0)
+    assert len(hurried) == 4            # each wait that found it unset
 
 
 def test_random_operations_match_a_model(vfs: Vfs) -> None:

@@ -180,26 +180,37 @@ class LmdbEnv:
 
     @contextmanager
     def _entered(self) -> Iterator[None]:
+        self._enter()
+        try:
+            yield
+        finally:
+            self._leave()
+
+    # _enter/_leave bracket every transaction (read() calls them directly: a generator
+    # context manager costs more than the rest of a small read)
+    def _enter(self) -> None:
         with self._gate:
             while self._resizing:
                 self._gate.wait()
             self._active += 1
-        try:
-            yield
-        finally:
-            with self._gate:
-                self._active -= 1
+
+    def _leave(self) -> None:
+        with self._gate:
+            self._active -= 1
+            if self._resizing:          # only _grow waits for transactions to end
                 self._gate.notify_all()
 
     def read(self, fn: Callable[[LmdbTxn], T]) -> T:
         """Run fn in a read transaction (a consistent snapshot)."""
         for _ in range(3):
-            with self._entered():
-                try:
-                    with self.env.begin(buffers=True) as txn:
-                        return fn(LmdbTxn(txn, self.dbs))
-                except lmdb.MapResizedError:
-                    pass
+            self._enter()
+            try:
+                with self.env.begin(buffers=True) as txn:
+                    return fn(LmdbTxn(txn, self.dbs))
+            except lmdb.MapResizedError:
+                pass
+            finally:
+                self._leave()
             self._grow(0)          # another process grew the map: adopt its size
         raise RepoError("the store's map keeps changing size under this reader")
 
@@ -329,6 +340,14 @@ class LmdbStore:
         txn.count("raw_bytes", raw_len)
         txn.count("stored_bytes", len(stored))
         return True
+
+    def put_raw_in(self, txn: LmdbTxn, cid: ChunkId, data: bytes | memoryview) -> bool:
+        """Store raw bytes already verified against cid, compressed here if they are new
+        (a chunk already held costs no compression). True if newly stored."""
+        if self.has_in(txn, cid):
+            return False
+        tag, stored = codec.encode(data, self.level)
+        return self.put_encoded_in(txn, cid, len(data), tag, stored)
 
     def view_in(self, txn: LmdbTxn, cid: ChunkId, readahead: Readahead | None = None
                 ) -> tuple[int, int, memoryview]:

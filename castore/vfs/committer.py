@@ -6,7 +6,14 @@ killed. One thread commits what has queued up in one synced LMDB transaction, so
 that writes many small files pays two fsyncs per group instead of per file; the journal
 starts again empty whenever everything queued is committed. Until its group commits, the
 file is served from its open state (the vfs keeps it registered). fsync waits for the
-commit. Imports no FUSE code.
+commit.
+
+A group waits up to LINGER after its first close for more to queue: nobody waits for it
+(closes return once journaled, readers are served from the open files), and every commit
+rewrites the B-tree pages it touches and syncs them, which costs about as much CPU for one
+file as for twenty. Anyone who does wait for a commit (fsync, a write to a file whose close is
+landing, a change to the tree, drain) cuts the wait short: see Landing and hurry().
+Imports no FUSE code.
 """
 from __future__ import annotations
 
@@ -32,7 +39,41 @@ T = TypeVar("T")
 GROUP_FILES = 512               # closes committed in one transaction at most
 GROUP_BYTES = 64 << 20          # bytes of new chunks in one transaction at most
 JOURNAL_MAX = 256 << 20         # past this, closes wait for the journal to empty
+LINGER = 0.01                   # seconds a group waits for more closes, unless hurried
 RETRY_FULL = 1.0                # seconds between attempts while the disk is full
+
+
+class Landing:
+    """Set once a close has landed (committed or failed): an event for one setter (the
+    committer thread), made of a plain lock because one is made for every close (a
+    threading.Event costs a Condition and an RLock). Waiting for it tells the committer to
+    commit at once instead of letting the group linger."""
+
+    __slots__ = ("_lock", "_set", "_hurry")
+
+    def __init__(self, hurry: Callable[[], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()                # held until set()
+        self._set = False
+        self._hurry = hurry
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        if self._hurry is not None:
+            self._hurry()
+        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._lock.release()            # the next waiter's turn
+            return True
+        return self._set
 
 
 @dataclass(eq=False, slots=True)
@@ -42,7 +83,9 @@ class Closing:
     intent: Intent
     end: int = 0                                 # journal offset after its record
     owner: object = None                         # the open file, for the landing callback
-    done: threading.Event = field(default_factory=threading.Event)
+    done: Landing = field(default_factory=Landing)
+    seq: int = 0                                 # submission order
+    queued: float = 0.0                          # time.monotonic() of the submission
     result: tuple[NodeId, bytes, bytes] | None = None
     error: BaseException | None = None
 
@@ -73,6 +116,10 @@ class Committer:
         self._cond = threading.Condition()
         self._queue: deque[Closing] = deque()
         self._busy = 0                      # closes queued or being committed
+        self._seq = 0                       # closes submitted so far
+        self._hurried = 0                   # closes up to this seq are committed at once
+        self._lingering = False             # the committer waits for a group to fill
+        self._queued_bytes = 0
         self._keep = False                  # a close could not commit for lack of space
         # the LMDB transaction of the newest commit whose open files have started to change
         # (see landing()): a reader whose snapshot is older reads again
@@ -85,7 +132,8 @@ class Committer:
     def submit(self, intent: Intent, owner: object, timeout: float = 60.0) -> Closing:
         """Journal the close and queue it. Raises StorageFullError (the disk is full: the
         caller commits directly, which reports it) or DeadlineError."""
-        closing = Closing(intent, owner=owner)
+        closing = Closing(intent, owner=owner, done=Landing(self.hurry))
+        size = sum(len(p.stored) for p in intent.prepared)
         with self._cond:
             deadline = time.monotonic() + timeout
             while self._journal_full() and not self._stop:
@@ -96,10 +144,24 @@ class Committer:
             if self._stop:
                 raise DeadlineError("the drive is shutting down")
             closing.end = self._journal.append(intent)   # under _cond: journal order = queue
+            self._seq += 1
+            closing.seq, closing.queued = self._seq, time.monotonic()
             self._queue.append(closing)
             self._busy += 1
-            self._cond.notify_all()
+            self._queued_bytes += size
+            if not self._lingering or self._full():
+                self._cond.notify_all()
         return closing
+
+    def hurry(self) -> None:
+        """Commit what is queued now, without waiting for the group to fill."""
+        with self._cond:
+            if self._hurried < self._seq:
+                self._hurried = self._seq
+                self._cond.notify_all()
+
+    def _full(self) -> bool:
+        return len(self._queue) >= GROUP_FILES or self._queued_bytes >= GROUP_BYTES
 
     def _journal_full(self) -> bool:
         return self._busy > 0 and self._journal.size > JOURNAL_MAX
@@ -107,6 +169,7 @@ class Committer:
     def drain(self, timeout: float) -> bool:
         """Wait until every close submitted so far is committed (or failed)."""
         deadline = time.monotonic() + timeout
+        self.hurry()
         with self._cond:
             while self._busy:
                 left = deadline - time.monotonic()
@@ -143,6 +206,8 @@ class Committer:
         with self._cond:
             while not self._queue and not self._stop:
                 self._cond.wait(1.0)
+            if self._queue:
+                self._linger(self._queue[0].queued + LINGER)
             group: list[Closing] = []
             size = 0
             while self._queue and len(group) < GROUP_FILES and \
@@ -150,7 +215,21 @@ class Committer:
                 c = self._queue.popleft()
                 group.append(c)
                 size += sum(len(p.stored) for p in c.intent.prepared)
+            self._queued_bytes = max(0, self._queued_bytes - size)
             return group
+
+    def _linger(self, until: float) -> None:
+        """Wait (under _cond) for the group to fill, until `until`, unless someone waits for
+        a queued close or the committer stops."""
+        self._lingering = True
+        try:
+            while not self._stop and not self._full() and self._hurried < self._queue[0].seq:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+        finally:
+            self._lingering = False
 
     def _run(self) -> None:
         while True:

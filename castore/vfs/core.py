@@ -12,9 +12,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,7 +27,7 @@ from castore.store.lmdb import LmdbTxn
 from castore.store.readahead import Readahead
 from castore.journal import Intent
 from castore.vfs.committer import AttrChange, Closing, Committer
-from castore.vfs.openfile import FileServices, OpenFile
+from castore.vfs.openfile import FileServices, Held, OpenFile
 from castore.vfs.readcache import Budget, DeadlineError
 from castore.vfs.source import StoreSource
 from castore.vfs.types import (HIDDEN, AccessDeniedError, Attr, Handle, Target, apply_attrs,
@@ -60,7 +59,7 @@ class VfsCore:
         self._svc = FileServices(
             source=source, read_pool=self._read_pool,
             budget=Budget(),
-            staging_dir=self.staging_dir, level=self._store.level,
+            staging_dir=self.staging_dir,
             pipeline=lambda: ChunkPipeline(self._env, self._store, self._write_pool),
             readahead=Readahead.for_file, lock_timeout=lock_timeout)
         self._mutex = threading.Lock()      # the registries below; held only briefly
@@ -117,14 +116,11 @@ class VfsCore:
         if self._committer.busy and not self._committer.drain(timeout):
             raise DeadlineError("closed files were not committed in time")
 
-    @contextmanager
-    def _registry(self) -> Iterator[None]:
+    def _registry(self) -> Held:
+        """The registries' lock, for a with block."""
         if not self._mutex.acquire(timeout=REGISTRY_TIMEOUT):
             raise DeadlineError("the drive's open-file table stayed busy")
-        try:
-            yield
-        finally:
-            self._mutex.release()
+        return Held(self._mutex)
 
     def _read_chunk(self, fn: Callable[[LmdbTxn], T], cid: ChunkId) -> T:
         """Run a chunk read; in cluster mode a chunk not held here is fetched first."""
@@ -142,22 +138,26 @@ class VfsCore:
             raise InvalidNameError(f"no open file with handle {fh}")
         return h
 
-    def _resolve(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0) -> Target:
+    def _resolve(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0,
+                 missing_ok: bool = False) -> Target:
         """What path names. With txn_id (the last commit before txn began), a committed
         node found for this path since then is taken from a cache: walking a path costs a
-        lookup and a decode per component, and programs reopen the same paths a lot."""
+        lookup and a decode per component, and programs reopen the same paths a lot. With
+        missing_ok, a missing last component gives a Target with neither node nor open file
+        instead of PathNotFoundError."""
         if txn_id:
             hit = self._resolved.get(path)
             if hit is not None and hit[0] == txn_id:
                 return Target(hit[1], self._open.get(hit[1].id), hit[2])
-        target = self._walk(txn, path, txn_id)
+        target = self._walk(txn, path, txn_id, missing_ok)
         if txn_id and target.node is not None:
             if len(self._resolved) > STAT_CACHE:
                 self._resolved.clear()
             self._resolved[path] = (txn_id, target.node, target.version)
         return target
 
-    def _walk(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0) -> Target:
+    def _walk(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0,
+              missing_ok: bool = False) -> Target:
         parts = split_path(path)
         if not parts:
             node = self._ns.get(txn, ROOT)
@@ -177,6 +177,8 @@ class VfsCore:
         of = self._pending.get((node.id, last))
         if of is not None:
             return Target(None, of, None, node, last)
+        if missing_ok:
+            return Target(None, None, None, node, last)
         raise PathNotFoundError(f"no such file or directory: {os.fsdecode(path)}")
 
     def _dir_at(self, txn: LmdbTxn, parts: list[bytes], path: str | bytes,
@@ -215,18 +217,16 @@ class VfsCore:
             raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
         return child
 
-    def _parent(self, txn: LmdbTxn, path: str | bytes) -> tuple[Node, bytes]:
+    def _parent(self, txn: LmdbTxn, path: str | bytes, read_only: bool = False
+                ) -> tuple[Node, bytes]:
         """The directory a new entry goes in, and its name. ExistsError if the name is taken
-        (by a committed entry or a file being created)."""
+        (by a committed entry or a file being created). read_only: txn is a read
+        transaction, whose snapshot can date the cached directories of _dir_at (a write
+        transaction's id is not final until it commits)."""
         parts = split_path(path)
         if not parts:
             raise ExistsError("/ exists")
-        node = self._ns.get(txn, ROOT)
-        assert node is not None
-        for part in parts[:-1]:
-            node = self._child_dir(txn, node, part, path)
-        if node.kind != Kind.DIR:
-            raise NotDirectoryError(f"{os.fsdecode(path)}: a parent is not a directory")
+        node = self._dir_at(txn, parts[:-1], path, txn.txn_id() if read_only else 0)
         if self._ns.lookup_view(txn, node.id, parts[-1]) is not None or \
                 (node.id, parts[-1]) in self._pending:
             raise ExistsError(f"{os.fsdecode(path)} exists")
@@ -248,14 +248,28 @@ class VfsCore:
                             *self._owner(node, of.attrs))
         if path is None:
             raise PathNotFoundError("no path and no open file")
+        attr = self._path_attr(path, False)
+        assert attr is not None
+        return attr
+
+    def lookup(self, path: str | bytes) -> Attr | None:
+        """getattr of a path, or None when its last component does not exist. The kernel
+        looks up each name a program creates before creating it, so a missing name is a
+        common answer: it comes without an exception. A missing directory on the way still
+        raises PathNotFoundError (NotDirectoryError for a file there)."""
+        return self._path_attr(path, True)
+
+    def _path_attr(self, path: str | bytes, missing_ok: bool) -> Attr | None:
         gen = self._gen
         hit = self._stat_cache.get(path)
         if hit is not None and hit[1] == gen and hit[0] == self._txn_id():
             return hit[2]
 
-        def run(t: LmdbTxn) -> Attr:
+        def run(t: LmdbTxn) -> Attr | None:
             txn_id = t.txn_id()
-            target = self._resolve(t, path, txn_id)
+            target = self._resolve(t, path, txn_id, missing_ok)
+            if target.node is None and target.of is None:
+                return None         # read again if a close landed meanwhile (_stable)
             attr = self._attr(t, target)
             if target.of is None and target.node is not None and attr.kind != Kind.DIR:
                 if len(self._stat_cache) > STAT_CACHE:

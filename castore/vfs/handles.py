@@ -53,7 +53,7 @@ class FileHandleOps(VfsCore):
         file is opened instead, unless flags has O_EXCL (ExistsError)."""
         try:
             with self._registry():
-                parent, name = self._env.read(lambda t: self._parent(t, path))
+                parent, name = self._env.read(lambda t: self._parent(t, path, True))
                 of = OpenFile(self._svc, None, EMPTY, None, EMPTY_REF, mode & 0o7777,
                               time.time_ns(), parent=parent.id, name=name)
                 self._pending[(parent.id, name)] = of

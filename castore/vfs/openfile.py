@@ -22,9 +22,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from castore import chunking
 from castore.files import EMPTY, ChunkPipeline, Manifest, Prepared, prepare
@@ -39,6 +39,29 @@ STREAM_FROM = 16 << 20      # bytes appended before chunking starts in the backg
 SMALL_COMMIT = 4 << 20      # content up to this size is chunked inside the commit itself
 
 
+class Held:
+    """A lock already acquired, released at the end of a with block (the open-file and
+    registry locks are taken several times per request: cheaper than a generator-based
+    context manager)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class Landing(Protocol):
+    """A close on its way to the store (castore.vfs.committer.Landing)."""
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
 @dataclass
 class FileServices:
     """What open files need from the vfs."""
@@ -47,7 +70,6 @@ class FileServices:
     read_pool: Executor
     budget: Budget
     staging_dir: Path
-    level: int
     pipeline: Callable[[], ChunkPipeline]
     readahead: Callable[[int], object]     # a file's size -> its Readahead
     lock_timeout: float = 30.0
@@ -84,7 +106,7 @@ class OpenFile:
         self.dirty = node is None           # a new file is committed even if never written
         # set while a close of this file waits for its group commit (castore.vfs.committer):
         # its content is fixed until then, so writes wait for it
-        self.inflight: threading.Event | None = None
+        self.inflight: Landing | None = None
 
     # -- state ----------------------------------------------------------------------------
     def _set_base(self, base: Manifest, key: bytes | None, ref: bytes) -> None:
@@ -105,17 +127,13 @@ class OpenFile:
         self._absorbed = 0                  # chunks of the stream taken into base
         self._absorbed_end = 0              # where the next one starts
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> Held:
+        """The file's lock, for a with block (DeadlineError after lock_timeout)."""
         if not self._lock.acquire(timeout=self.svc.lock_timeout):
             raise DeadlineError(f"an open file stayed busy for {self.svc.lock_timeout:.0f} s")
-        try:
-            yield
-        finally:
-            self._lock.release()
+        return Held(self._lock)
 
-    @contextmanager
-    def settled(self) -> Iterator[None]:
+    def settled(self) -> Held:
         """locked(), once no close of this file is waiting for its commit."""
         deadline = time.monotonic() + self.svc.lock_timeout
         while True:
@@ -123,10 +141,10 @@ class OpenFile:
             if pending is not None and not pending.wait(max(0.0, deadline -
                                                             time.monotonic())):
                 raise DeadlineError("a closed file was not committed in time")
-            with self.locked():
-                if self.inflight is None:
-                    yield
-                    return
+            held = self.locked()
+            if self.inflight is None:
+                return held
+            self._lock.release()
 
     def _staging(self) -> Staging:
         if self.staging is None:
@@ -322,7 +340,8 @@ class OpenFile:
             self._read_merged(start, memoryview(buf))
             pieces: list[bytes | memoryview] = [memoryview(buf)] \
                 if len(buf) <= chunking.MIN_SIZE else list(chunking.split(buf))
-            prepared = [prepare(p, self.svc.level) for p in pieces]
+            # hashed only: compression waits for the commit (journal.apply), off the close
+            prepared = [prepare(p, 0) for p in pieces]
             ids += [p.cid for p in prepared]
             lengths += [p.raw_len for p in prepared]
             return Built(Manifest(tuple(ids), tuple(lengths)), prepared)
