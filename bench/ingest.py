@@ -1,6 +1,7 @@
 """Ingest benchmark: how fast files go into a castore repo, against cp and BLAKE3 alone.
 
     python bench/ingest.py [--size-mib 1024] [--files 10000] [--runs 3] [--work DIR]
+                           [--only large,small,dedup]
 
 Measures, in one run (median of --runs each):
   - one large file, incompressible and compressible ("real": files of /usr concatenated):
@@ -34,6 +35,8 @@ from common import (castore_cmd, emit, machine, make_random_file, make_real_file
 
 import castore  # noqa: E402
 from castore.benchsuite.workloads import blake3_seconds  # noqa: E402
+
+PARTS = ("large", "small", "dedup")     # the groups of figures --only can pick
 
 
 class Daemon:
@@ -122,7 +125,11 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=10000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--only", default=",".join(PARTS), type=parts,
+                    help="figures to measure, of large,small,dedup (default: all); results of "
+                    "a part are written as ingest-<parts>.json/.png")
     args = ap.parse_args()
+    name = "ingest" if set(args.only) == set(PARTS) else "ingest-" + "-".join(args.only)
     # Every timed `castore` run is a fresh process, so its start-up counts. Byte-compile the
     # package first, as installing it does: with PYTHONDONTWRITEBYTECODE set (or a read-only
     # source tree) an editable install would otherwise recompile its modules on every run.
@@ -135,13 +142,16 @@ def main() -> int:
     try:
         rand = work / "random.bin"
         real = work / "real.bin"
-        make_random_file(rand, size)
-        real_size = make_real_file(real, size)
         tree = work / "tree"
-        make_tree(tree, args.files)
         home = work / "home"
-        for label, src, nbytes in (("large_incompressible", rand, size),
-                                   ("large_compressible", real, real_size)):
+        large = []
+        if "large" in args.only:
+            make_random_file(rand, size)
+            real_size = make_real_file(real, size)
+            large = [("large_incompressible", rand, size), ("large_compressible", real, real_size)]
+        if "small" in args.only or "dedup" in args.only:
+            make_tree(tree, args.files)
+        for label, src, nbytes in large:
             for f in (src,):
                 f.read_bytes() if nbytes <= (2 << 30) else None   # warm the page cache
             base, base_runs = median_of(args.runs, lambda i: cp_time(src, work / "copy.bin"))
@@ -165,21 +175,13 @@ def main() -> int:
             fig[label] = entry
             emit(figure=label, **{k: v for k, v in entry.items() if k != "runs_s"})
         (work / "copy.bin").unlink(missing_ok=True)
-        base, base_runs = median_of(args.runs, lambda i: cp_time(tree, work / "tree-copy"))
-        offline, off_runs = median_of(args.runs, lambda i: add_time(tree, home, True, False))
-        daemon, d_runs = median_of(args.runs, lambda i: add_time(tree, home, True, True))
-        entry = {"files": args.files, "cp_sync_files_s": args.files / base,
-                 "castore_offline_files_s": args.files / offline,
-                 "castore_daemon_files_s": args.files / daemon,
-                 "ratio_offline_vs_cp": base / offline,
-                 "runs_s": {"cp": base_runs, "offline": off_runs, "daemon": d_runs}}
-        fig["small_files"] = entry
-        emit(figure="small_files", **{k: v for k, v in entry.items() if k != "runs_s"})
-        shutil.rmtree(work / "tree-copy", ignore_errors=True)
+        if "small" in args.only:
+            small_files(args, fig, tree, home, work)
         tree2 = work / "tree-v2"
-        shutil.rmtree(tree2, ignore_errors=True)
-        mutate_tree(tree, tree2, 0.05)
-        for level in (1, 0):
+        if "dedup" in args.only:
+            shutil.rmtree(tree2, ignore_errors=True)
+            mutate_tree(tree, tree2, 0.05)
+        for level in ((1, 0) if "dedup" in args.only else ()):
             env = dict(os.environ, CASTORE_COMPRESSION_LEVEL=str(level))
             shutil.rmtree(home, ignore_errors=True)
             run(castore_cmd() + ["init", "--home", str(home)], env=env)
@@ -199,8 +201,8 @@ def main() -> int:
                      int(one["stored_bytes"])}
             fig[f"dedup_level{level}"] = entry
             emit(figure=f"dedup_level{level}", **entry)
-        path = write_json("ingest", results)
-        plot(results)
+        path = write_json(name, results)
+        plot(results, name)
         print(f"wrote {path}", file=sys.stderr)
     finally:
         if not args.work:
@@ -208,7 +210,30 @@ def main() -> int:
     return 0
 
 
-def plot(results: dict[str, Any]) -> None:
+def small_files(args: argparse.Namespace, fig: dict[str, Any], tree: Path, home: Path,
+                work: Path) -> None:
+    base, base_runs = median_of(args.runs, lambda i: cp_time(tree, work / "tree-copy"))
+    offline, off_runs = median_of(args.runs, lambda i: add_time(tree, home, True, False))
+    daemon, d_runs = median_of(args.runs, lambda i: add_time(tree, home, True, True))
+    entry = {"files": args.files, "cp_sync_files_s": args.files / base,
+             "castore_offline_files_s": args.files / offline,
+             "castore_daemon_files_s": args.files / daemon,
+             "ratio_offline_vs_cp": base / offline,
+             "runs_s": {"cp": base_runs, "offline": off_runs, "daemon": d_runs}}
+    fig["small_files"] = entry
+    emit(figure="small_files", **{k: v for k, v in entry.items() if k != "runs_s"})
+    shutil.rmtree(work / "tree-copy", ignore_errors=True)
+
+
+def parts(text: str) -> list[str]:
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = set(chosen) - set(PARTS)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"parts are {','.join(PARTS)}")
+    return [p for p in PARTS if p in chosen]
+
+
+def plot(results: dict[str, Any], name: str = "ingest") -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -219,7 +244,7 @@ def plot(results: dict[str, Any]) -> None:
     fig = results["figures"]
     fig_, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels, cp, off, dae = [], [], [], []
-    for key in ("large_incompressible", "large_compressible"):
+    for key in [k for k in ("large_incompressible", "large_compressible") if k in fig]:
         labels.append(key.replace("large_", ""))
         cp.append(fig[key]["cp_sync_mb_s"])
         off.append(fig[key]["castore_offline_mb_s"])
@@ -233,14 +258,15 @@ def plot(results: dict[str, Any]) -> None:
     ax.set_ylabel("MB/s")
     ax.set_title("large file ingest")
     ax.legend(fontsize=8)
-    s = fig["small_files"]
+    s = fig.get("small_files")
     ax = axes[1]
-    ax.bar(["cp -r + sync", "castore offline", "castore daemon"],
-           [s["cp_sync_files_s"], s["castore_offline_files_s"], s["castore_daemon_files_s"]])
-    ax.set_ylabel("files/s")
-    ax.set_title(f"{s['files']} small files")
+    if s is not None:
+        ax.bar(["cp -r + sync", "castore offline", "castore daemon"],
+               [s["cp_sync_files_s"], s["castore_offline_files_s"], s["castore_daemon_files_s"]])
+        ax.set_ylabel("files/s")
+        ax.set_title(f"{s['files']} small files")
     fig_.tight_layout()
-    out = Path(__file__).resolve().parent / "results" / "ingest.png"
+    out = Path(__file__).resolve().parent / "results" / f"{name}.png"
     fig_.savefig(out, dpi=100)
 
 
