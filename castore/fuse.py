@@ -375,6 +375,11 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         return int(self.operations.read_into(_buffer(buf, size), offset, fip.contents.fh))
 
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        # the vfs reads the data only during the call, so libfuse's buffer is passed as is
+        # (mfusepy copies it into a bytes object first)
+        return int(self.operations.write(None, _buffer(buf, size), offset, fip.contents.fh))
+
     def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         """stat, the most frequent request: the struct is filled from the Attr directly
         (mfusepy goes through a dict), and a missing path is returned as ENOENT without any
