@@ -5,11 +5,39 @@ Imports nothing of castore but errors-free stdlib and blake3.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 from blake3 import blake3
 
 _PARALLEL_FROM = 1 << 20   # multi-threaded BLAKE3 pays off only from ~1 MiB buffers
+
+
+class _RandomIds:
+    """16-byte random ids cut from 4 KiB of os.urandom at a time: one getrandom call per 256
+    ids instead of one per id (an add of many small files creates a node per file, and each
+    call gives up the GIL). The bytes left are forgotten in a forked child, so parent and
+    child never hand out the same id."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buf = b""
+        self._pos = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._buf, self._pos = b"", 0
+
+    def take(self) -> bytes:
+        with self._lock:
+            if self._pos + 16 > len(self._buf):
+                self._buf, self._pos = os.urandom(4096), 0
+            self._pos += 16
+            return self._buf[self._pos - 16:self._pos]
+
+
+_random_ids = _RandomIds()
 
 
 class _Digest:
@@ -83,7 +111,7 @@ class NodeId:
 
     @classmethod
     def random(cls) -> NodeId:
-        return cls(os.urandom(16))
+        return cls(_random_ids.take())
 
     @property
     def short(self) -> str:
