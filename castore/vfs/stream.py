@@ -25,6 +25,7 @@ from castore.vfs.readcache import DeadlineError
 log = logging.getLogger(__name__)
 
 WINDOW = 16 << 20           # bytes of the file held for cutting at a time (> MAX_SIZE)
+STEP = chunking.MAX_SIZE    # new bytes a step waits for (unless the stream ends or is limited)
 LAG_MAX = 64 << 20          # bytes a writer may run ahead of the chunker before it waits
 LAG_WAIT = 10.0             # seconds a write waits for the chunker at most (then goes on)
 TAKE_TIMEOUT = 120.0        # seconds a commit waits for the chunker to finish
@@ -91,7 +92,11 @@ class StreamWriter:
                     if self._stop:
                         return
                     hi = self._end if self._limit is None else min(self._end, self._limit)
-                    if self._fed < hi or (self._final and self._limit is None):
+                    # each step cuts the window's unconsumed tail again (its last chunk may
+                    # still grow), so wait for at least a chunk's worth of new bytes
+                    if self._fed < hi and (hi - self._fed >= STEP or
+                                           self._limit is not None) or \
+                            (self._final and self._limit is None):
                         break
                     if self._limit is not None and self._fed >= self._limit:
                         return              # nothing more can be kept
