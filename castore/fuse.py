@@ -62,7 +62,8 @@ ERRNO: list[tuple[type[BaseException], int]] = [
     (InvalidNameError, errno.EINVAL), (ExistsError, errno.EEXIST),
     (NotEmptyError, errno.ENOTEMPTY), (IntegrityError, errno.EIO),
     (ChunkNotFoundError, errno.EIO), (StorageFullError, errno.ENOSPC),
-    (NoAttributeError, errno.ENODATA), (AccessDeniedError, errno.EACCES), (NotPermittedError, errno.EPERM),
+    (NoAttributeError, errno.ENODATA), (AccessDeniedError, errno.EACCES),
+    (NotPermittedError, errno.EPERM),
     (UnsupportedError, errno.ENOTSUP), (AttributeTooLargeError, errno.E2BIG),
     (DeadlineError, errno.ETIMEDOUT), (PeerUnavailableError, errno.EIO)]
 _LOUD = (errno.EIO, errno.ENOSPC, errno.ETIMEDOUT)
