@@ -2,8 +2,8 @@
 daemon when one runs and by the repo opened directly when none does (as kubo does offline).
 
 Exit codes: 0 ok; 1 a check found problems; 2 usage, config or repo error, or a request over
-a limit; 3 not found;
-4 integrity error; 5 daemon unreachable or timed out; 7 disk full; 130 interrupted.
+a limit; 3 not found; 4 integrity error; 5 daemon unreachable or timed out; 7 disk full;
+130 interrupted.
 A CastoreError prints one line on stderr, never a traceback.
 """
 from __future__ import annotations
