@@ -229,7 +229,7 @@ class LmdbEnv:
                 grow = False
                 with self._entered():
                     txn = self.env.begin(write=True, buffers=True)
-                    last_pgno = int(self.env.info()["last_pgno"])
+                    last_pgno = int(self.env.info()["last_pgno"]) if bulk else 0
                     wrapped = LmdbTxn(txn, self.dbs)
                     try:
                         result = fn(wrapped)
