@@ -21,7 +21,7 @@ from castore.namespace import Namespace
 from castore.ops import Kind
 from castore.repo import IngestItem, Repo
 from castore.vfs import AccessDeniedError, NoAttributeError, NotPermittedError, Vfs
-from castore.vfs import committer, openfile, staging
+from castore.vfs import committer, handles, openfile, staging
 
 HIDDEN = "/.fuse_hidden0000000100000002"
 
@@ -344,6 +344,23 @@ def test_an_open_descriptor_keeps_its_version(vfs: Vfs, repo: Repo) -> None:
     h3 = vfs.open("/doc", os.O_RDONLY)
     assert h3.keep_cache                           # unchanged since: pages may stay
     vfs.release(h3.fh)
+
+
+def test_a_small_written_file_is_read_anew_at_its_next_open(
+        vfs: Vfs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After writes the kernel holds only the pages that single writes filled whole: a small
+    file drops them at its next open (it comes back in one request instead of one per gap),
+    a large one keeps them. The open after that keeps the pages either way."""
+    monkeypatch.setattr(handles, "REREAD_WHOLE", 64 << 10)
+    _write(vfs, "/small", os.urandom(1000))
+    _write(vfs, "/large", os.urandom(100 << 10))
+    for path, first in (("/small", False), ("/large", True)):
+        h = vfs.open(path, os.O_RDONLY)
+        assert h.keep_cache is first, path
+        vfs.release(h.fh)
+        h = vfs.open(path, os.O_RDONLY)
+        assert h.keep_cache, path
+        vfs.release(h.fh)
 
 
 def test_concurrent_writers_leave_a_conflict_copy(vfs: Vfs, repo: Repo) -> None:
