@@ -623,3 +623,34 @@ def test_replay_on_lmdb_matches_memory(tmp_path: Path) -> None:
             assert disk.dump() == mem.dump()
         finally:
             env.close()
+
+
+def test_readers_of_one_snapshot_share_the_nodes_they_decode(
+        lmdb_env: LmdbEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node decoded by one read transaction serves the next one of the same snapshot; a
+    commit starts afresh (the next reader decodes the new record), and so does a memo that
+    grew past its bound."""
+    t = Tree(lmdb_env)
+    nid = t.mkfile("/f")
+    decoded: list[NodeId] = []
+    real = Node.decode
+
+    def counting(node_id: NodeId, buf: Any) -> Node:
+        decoded.append(node_id)
+        return real(node_id, buf)
+    monkeypatch.setattr(Node, "decode", staticmethod(counting))
+
+    def size() -> int:
+        node = lmdb_env.read(lambda txn: t.ns.get(txn, nid))
+        assert node is not None and node.head is not None
+        return node.head.size
+    assert size() == 1 and size() == 1
+    assert decoded == [nid]                      # once for both readers
+    t(lambda ns, txn: ns.set_content(txn, ns.get(txn, nid), _ref(b"x"), 7))
+    decoded.clear()
+    assert size() == 7 and size() == 7
+    assert decoded == [nid]                      # the commit made a new snapshot
+    monkeypatch.setattr("castore.store.lmdb.MEMO_ENTRIES", 0)
+    decoded.clear()
+    assert size() == 7 and size() == 7
+    assert decoded == [nid, nid]                 # over the bound: no sharing

@@ -37,6 +37,7 @@ DBS = ("chunks", "chunkmeta", "manifests", "ops", "opseq", "nodes", "dirents", "
 DEFAULT_MAP_SIZE = 1 << 40          # sparse: the file grows only to what is used
 MAX_MAP_SIZE = 1 << 44
 WRITE_WAIT = 120.0              # seconds a write waits for the one before it, then DeadlineError
+MEMO_ENTRIES = 200_000          # entries a snapshot's shared read memo holds before a new one
 DROP_BEHIND = 8 << 20           # a commit that appends at least this much leaves the page cache
 _META = struct.Struct("<IB")        # raw_len, codec
 _COUNTERS = ("chunks", "raw_bytes", "stored_bytes")
@@ -49,11 +50,14 @@ class LmdbTxn:
 
     __slots__ = ("_txn", "_dbs", "counters", "cache", "before_commit", "after_commit")
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database],
+                 memo: dict[str, object] | None = None) -> None:
         self._txn = txn
         self._dbs = dbs
         self.counters: dict[str, int] = {}
-        self.cache: dict[str, object] = {}          # per-transaction memo of upper layers
+        # memo of upper layers: per write transaction, per snapshot for reads (see
+        # LmdbEnv.read); what is kept there is derived from the snapshot's data alone
+        self.cache: dict[str, object] = {} if memo is None else memo
         self.before_commit: list[Callable[[], None]] = []
         self.after_commit: list[Callable[[], None]] = []
 
@@ -134,6 +138,7 @@ class LmdbEnv:
         self.write_wait = WRITE_WAIT
         self.drop_behind = DROP_BEHIND
         self._data_fd = -1
+        self._memo: tuple[int, dict[str, object]] = (-1, {})
         # called after each durable commit that added chunks or manifests (replication)
         self.on_commit: Callable[[list[ChunkId]], None] | None = None
         self._open()
@@ -206,13 +211,24 @@ class LmdbEnv:
             self._enter()
             try:
                 with self.env.begin(buffers=True) as txn:
-                    return fn(LmdbTxn(txn, self.dbs))
+                    return fn(LmdbTxn(txn, self.dbs, self._snapshot_memo(txn)))
             except lmdb.MapResizedError:
                 pass
             finally:
                 self._leave()
             self._grow(0)          # another process grew the map: adopt its size
         raise RepoError("the store's map keeps changing size under this reader")
+
+    def _snapshot_memo(self, txn: lmdb.Transaction) -> dict[str, object]:
+        """The memo that read transactions of one snapshot share: they see the same data, so
+        what one of them decoded (the namespace's nodes) serves the next, until a commit
+        makes a new snapshot. A walk of the drive reads every node in several requests."""
+        tid = txn.id()
+        memo = self._memo
+        if memo[0] != tid or sum(len(v) for v in memo[1].values()  # type: ignore[arg-type]
+                                 if hasattr(v, "__len__")) > MEMO_ENTRIES:
+            memo = self._memo = (tid, {})
+        return memo[1]
 
     def write(self, fn: Callable[[LmdbTxn], T], bulk: bool = False) -> T:
         """Run fn in a write transaction and commit durably. Retries fn after growing the map.
