@@ -126,7 +126,7 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         self._vfs = vfs
         self._fuse_ptr: int | None = None
         self._ready = threading.Event()
-        self._dirs: dict[int, list[tuple[bytes, dict[str, int]]] | None] = {}
+        self._dirs: dict[int, list[tuple[bytes, Attr | None]] | None] = {}
         self._dirs_mutex = threading.Lock()
         self._next_dir = 0
 
@@ -174,13 +174,13 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
     @_translated
-    def listing(self, path: str, fh: int, fresh: bool) -> list[tuple[bytes, dict[str, int]]]:
-        """The entries of an open directory with their attributes, read once per pass
-        (offset 0) and served from there to the calls that continue it."""
+    def listing(self, path: str, fh: int, fresh: bool) -> list[tuple[bytes, Attr | None]]:
+        """The entries of an open directory with their attributes (None for . and ..), read
+        once per pass (offset 0) and served from there to the calls that continue it."""
         entries = None if fresh else self._dirs.get(fh)
         if entries is None:
-            dirs = [(b".", {"st_mode": _TYPE[Kind.DIR]}), (b"..", {"st_mode": _TYPE[Kind.DIR]})]
-            entries = dirs + [(name, _stat(a)) for name, a in self._vfs.readdir_attrs(path)]
+            entries = [(b".", None), (b"..", None)]
+            entries.extend(self._vfs.readdir_attrs(path))
             with self._dirs_mutex:
                 if fh in self._dirs:
                     self._dirs[fh] = entries
@@ -347,6 +347,19 @@ def _buffer(ptr: Any, size: int) -> memoryview:
     return memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
 
 
+def _fill_stat(st: Any, a: Attr) -> None:
+    """libfuse's struct stat (zeroed) from an Attr, without mfusepy's dict in between."""
+    st.st_mode = _TYPE[a.kind] | a.mode
+    st.st_nlink = a.nlink
+    st.st_size = a.size
+    st.st_uid, st.st_gid = a.uid, a.gid
+    st.st_blocks = (a.size + 511) // 512
+    st.st_blksize = BLKSIZE
+    sec, nsec = divmod(a.mtime_ns, 10**9)
+    for ts in (st.st_atimespec, st.st_mtimespec, st.st_ctimespec):
+        ts.tv_sec, ts.tv_nsec = sec, nsec
+
+
 class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with the few calls it gets wrong for castore overridden: rename keeps
     its renameat2 flags, truncate its file handle, and read/write move bytes between the vfs
@@ -394,16 +407,7 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
         if a is None:
             return -errno.ENOENT
         ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
-        st = buf.contents
-        st.st_mode = _TYPE[a.kind] | a.mode
-        st.st_nlink = a.nlink
-        st.st_size = a.size
-        st.st_uid, st.st_gid = a.uid, a.gid
-        st.st_blocks = (a.size + 511) // 512
-        st.st_blksize = BLKSIZE
-        sec, nsec = divmod(a.mtime_ns, 10**9)
-        for ts in (st.st_atimespec, st.st_mtimespec, st.st_ctimespec):
-            ts.tv_sec, ts.tv_nsec = sec, nsec
+        _fill_stat(buf.contents, a)
         return 0
 
     def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
@@ -425,11 +429,15 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
                                           offset == 0)
         plus = _FILL_DIR_PLUS if flags & _READDIR_PLUS else 0
         st = mfusepy.c_stat()
+        size = ctypes.sizeof(st)
         for i in range(offset, len(entries)):
-            name, attrs = entries[i]
-            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
-            mfusepy.set_st_attrs(st, attrs, use_ns=True)
-            if filler(buf, name, st, i + 1, plus if i >= 2 else 0) != 0:
+            name, a = entries[i]
+            ctypes.memset(ctypes.byref(st), 0, size)
+            if a is None:                # . and ..
+                st.st_mode = _TYPE[Kind.DIR]
+            else:
+                _fill_stat(st, a)
+            if filler(buf, name, st, i + 1, plus if a is not None else 0) != 0:
                 break
         return 0
 
