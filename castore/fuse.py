@@ -6,7 +6,8 @@ Facts this relies on (DESIGN.md section 8, research/probes.md section 1): mfusep
 unless FUSE_LIBRARY_NAME=fuse3 is set before it is imported; mfusepy 3.1.1 drops renameat2
 flags and truncate's file handle, so both are passed through here; attribute names of the
 Operations object that match FUSE operations become callbacks, so state lives under _names;
-per-open keep_cache (never the global kernel_cache) keeps the page cache of unchanged files;
+per-open keep_cache (never the global kernel_cache) keeps the page cache of unchanged files,
+and with explicit invalidation a new mtime alone drops no pages;
 fuse_invalidate_path and the entry notifications, called from a thread of our own and never
 from inside an operation, drop what the kernel caches of paths changed on other peers.
 """
@@ -54,6 +55,7 @@ INVALIDATE_BATCH = 20_000        # remote ops turned into paths at a time
 BLKSIZE = 128 << 10              # st_blksize: programs size their I/O buffers from it
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 _READDIR_PLUS, _FILL_DIR_PLUS = 1, 2     # libfuse3 fuse_readdir_flags, fuse_fill_dir_flags
+_CAP_AUTO_INVAL_DATA, _CAP_EXPLICIT_INVAL_DATA = 1 << 12, 1 << 25     # fuse_conn_info.want
 
 # Most specific first: NameTooLongError is an InvalidNameError.
 ERRNO: list[tuple[type[BaseException], int]] = [
@@ -132,6 +134,11 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         self._fuse_ptr = mfusepy._libfuse.fuse_get_context().contents.fuse
+        if conn is not None and conn.capable & _CAP_EXPLICIT_INVAL_DATA:
+            # Pages go when castore says the content changed (keep_cache per version at
+            # open, the Invalidator for other peers' changes), not whenever the kernel sees
+            # a new mtime: writes move the mtime, which made it drop every page just written.
+            conn.want = (conn.want & ~_CAP_AUTO_INVAL_DATA) | _CAP_EXPLICIT_INVAL_DATA
         if config is not None:
             config.attr_timeout = ATTR_TIMEOUT
             config.entry_timeout = ATTR_TIMEOUT

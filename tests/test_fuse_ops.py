@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pagecache import resident_fraction
 from fuse_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Drive, castore,
                           errname, needs_fuse, oserror, renameat2)
 
@@ -300,6 +301,24 @@ def test_close_to_open(mounted: Drive, here: Path, tmp_path: Path) -> None:
         os.close(fd)
     time.sleep(1.2)                                          # the kernel's attribute cache
     assert p.read_bytes() == b"the NEW text, longer"
+
+
+def test_written_pages_stay_cached_after_the_attributes_refresh(here: Path) -> None:
+    """The kernel drops a file's pages when castore says its content changed (a new version
+    at open, or a change from another peer), not when it sees a new mtime: a file written
+    here and read back after its attributes expired is served from the pages the writes
+    left, without a trip through the drive."""
+    p = here / "written"
+    block = os.urandom(128 << 10)
+    with open(p, "wb") as f:
+        for _ in range(64):                                  # 8 MiB in page-aligned writes
+            f.write(block)
+    time.sleep(1.2)                                          # the kernel's attribute cache
+    with open(p, "rb") as f:
+        assert f.read(4096) == block[:4096]
+        assert resident_fraction(p, 0, 8 << 20) == 1.0
+        f.seek(0)
+        assert f.read() == block * 64
 
 
 def test_xattrs(mounted: Drive, here: Path) -> None:

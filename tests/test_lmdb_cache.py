@@ -3,8 +3,6 @@ leave the page cache once they are durable; small commits, namespace commits and
 to replication keep theirs. Residency is read with mincore(2)."""
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 from pathlib import Path
 
@@ -12,29 +10,7 @@ import pytest
 
 from castore.ids import ChunkId
 from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn
-
-_libc = ctypes.CDLL(None, use_errno=True)
-PAGE = mmap.PAGESIZE
-
-
-def resident_fraction(path: Path, start: int, end: int) -> float:
-    """Fraction of the file's pages in [start, end) that are in the page cache."""
-    start -= start % PAGE
-    length = end - start
-    pages = (length + PAGE - 1) // PAGE
-    vec = (ctypes.c_ubyte * pages)()
-    with open(path, "rb") as f:
-        # a private map is writable for ctypes, and mincore reports the file's cache for it
-        m = mmap.mmap(f.fileno(), start + length, access=mmap.ACCESS_COPY)
-        view = (ctypes.c_char * len(m)).from_buffer(m)
-        try:
-            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(view) + start),
-                             ctypes.c_size_t(length), vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-        finally:
-            del view
-            m.close()
-    return sum(v & 1 for v in vec) / pages
+from pagecache import PAGE, resident_fraction
 
 
 def append_chunks(env: LmdbEnv, store: LmdbStore, total: int) -> tuple[int, int]:
