@@ -40,7 +40,7 @@ from castore.ops import Kind, Op  # noqa: E402
 from castore.repo import Repo  # noqa: E402
 from castore.vfs import (AccessDeniedError, Attr, AttributeTooLargeError,  # noqa: E402
                          DeadlineError, NoAttributeError, NotPermittedError, UnsupportedError,
-                         Vfs)
+                         Vfs, drive_commits)
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,7 +48,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 if mfusepy.fuse_version_major != 3:              # pragma: no cover - depends on the machine
     raise ImportError(f"castore needs libfuse3, but mfusepy loaded {mfusepy._libfuse_path}")
 
-ATTR_TIMEOUT = 1.0               # seconds the kernel caches attributes and names
+ATTR_TIMEOUT = 10.0              # seconds the kernel caches attributes and names (changes not
+                                 # made through the mount are invalidated at once: Invalidator)
 MOUNT_TIMEOUT = 15.0             # seconds to wait for a mount to come up
 UNMOUNT_JOIN = 5.0               # seconds to wait for the FUSE loop to end after unmounting
 INVALIDATE_BATCH = 20_000        # remote ops turned into paths at a time
@@ -508,15 +509,14 @@ class _Notify:
 
 
 class Invalidator:
-    """Drops the kernel's caches of paths that ops from other peers changed, so that readers
-    here see a remote change at once, not after ATTR_TIMEOUT: attributes and pages of the
-    nodes (fuse_invalidate_path) and the names that appeared, moved or went away (expired in
-    their directory, which is found by its inode number: without use_ino, st_ino is the
-    libfuse node id). Ops are queued by the repo's listener and handled in a thread of its
-    own: the thread that applied them never waits, and no notification is sent from inside
-    a FUSE operation (libfuse can deadlock then). Local ops are left out: the kernel saw
-    those made through the mount happen; those made through the client API while mounted
-    show after ATTR_TIMEOUT (and their pages are never reused: keep_cache is per version)."""
+    """Drops the kernel's caches of paths that ops from other peers, or from this peer's
+    client API, changed, so that readers here see the change at once, not after
+    ATTR_TIMEOUT: attributes and pages of the nodes (fuse_invalidate_path) and the names
+    that appeared, moved or went away (expired in their directory, which is found by its
+    inode number: without use_ino, st_ino is the libfuse node id). Ops are queued by the
+    repo's listener and handled in a thread of its own: the thread that applied them never
+    waits, and no notification is sent from inside a FUSE operation (libfuse can deadlock
+    then). Ops made through the mount are left out: the kernel saw them happen."""
 
     def __init__(self, repo: Repo, ops: CastoreOps, mountpoint: str) -> None:
         self.repo = repo
@@ -547,9 +547,10 @@ class Invalidator:
         self._thread.join(timeout)
 
     def on_ops(self, ops: list[Op], local: bool) -> None:
-        """The repo listener: queue remote ops (quick, never raises)."""
-        if local:
-            return
+        """The repo listener: queue the ops not made through this mount (quick, never
+        raises)."""
+        if local and drive_commits():
+            return                  # the kernel saw these happen
         with self._wake:
             self._ops.extend(ops)
             self._wake.notify_all()

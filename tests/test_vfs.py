@@ -20,7 +20,8 @@ from castore.errors import ExistsError, NotEmptyError, PathNotFoundError
 from castore.namespace import Namespace
 from castore.ops import Kind
 from castore.repo import IngestItem, Repo
-from castore.vfs import AccessDeniedError, NoAttributeError, NotPermittedError, Vfs
+from castore.vfs import (AccessDeniedError, NoAttributeError, NotPermittedError, Vfs,
+                         drive_commits)
 from castore.vfs import committer, handles, openfile, staging
 
 HIDDEN = "/.fuse_hidden0000000100000002"
@@ -361,6 +362,22 @@ def test_a_small_written_file_is_read_anew_at_its_next_open(
         h = vfs.open(path, os.O_RDONLY)
         assert h.keep_cache, path
         vfs.release(h.fh)
+
+
+def test_listeners_can_tell_the_drives_commits_from_the_apis(vfs: Vfs, repo: Repo) -> None:
+    """The mount drops the kernel's caches for local changes made through the client API,
+    not for its own (the kernel saw those): repo listeners tell them apart."""
+    seen: list[tuple[bool, bool]] = []
+    repo.add_listener(lambda ops, local: seen.append((local, drive_commits())))
+    vfs.mkdir("/d", 0o755)
+    _write(vfs, "/d/f", b"through the drive")
+    vfs.chmod("/d/f", 0o600)
+    vfs.settle()
+    assert seen and all(seen), seen
+    seen.clear()
+    list(repo.ingest([IngestItem("/d/g", Kind.FILE, data=b"through the API")]))
+    assert seen == [(True, False)]
+    assert not drive_commits()                  # outside any commit
 
 
 def test_concurrent_writers_leave_a_conflict_copy(vfs: Vfs, repo: Repo) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from castore.vfs.fs import (AccessDeniedError, Attr, AttributeTooLargeError, NoAttributeError,
                             NotPermittedError, Opened, UnsupportedError, Vfs)
+from castore.vfs.committer import drive_commits
 from castore.vfs.readcache import DeadlineError
 
 __all__ = ["AccessDeniedError", "Attr", "AttributeTooLargeError", "DeadlineError",
-           "NoAttributeError", "NotPermittedError", "Opened", "UnsupportedError", "Vfs"]
+           "NoAttributeError", "NotPermittedError", "Opened", "UnsupportedError", "Vfs",
+           "drive_commits"]

@@ -30,11 +30,12 @@ from castore.errors import CastoreError, StorageFullError
 from castore.ids import NodeId
 from castore.journal import Intent, Journal
 from castore.repo import Repo
-from castore.store.lmdb import LmdbTxn
+from castore.store.lmdb import LmdbEnv, LmdbTxn
 from castore.vfs.readcache import DeadlineError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_DRIVE = threading.local()      # .on while a thread commits a change made through the drive
 
 GROUP_FILES = 512               # closes committed in one transaction at most
 GROUP_BYTES = 64 << 20          # bytes of new chunks in one transaction at most
@@ -303,9 +304,25 @@ class Committer:
         served from memory) until space returns or the drive stops."""
         while True:
             try:
-                return self._repo.env.write(fn)
+                return drive_write(self._repo.env, fn)
             except StorageFullError as exc:
                 if self._stop:
                     raise
                 log.error("%s; closed files wait in the close journal", exc)
                 time.sleep(RETRY_FULL)
+
+
+def drive_write(env: LmdbEnv, fn: Callable[[LmdbTxn], T]) -> T:
+    """env.write of a change made through the drive: the repo's listeners, which run inside
+    the commit, can tell it from other local changes (drive_commits)."""
+    _DRIVE.on = True
+    try:
+        return env.write(fn)
+    finally:
+        _DRIVE.on = False
+
+
+def drive_commits() -> bool:
+    """True in a repo listener called for a commit of drive_write: the kernel saw that change
+    happen through the mount, so nothing it caches needs dropping."""
+    return bool(getattr(_DRIVE, "on", False))

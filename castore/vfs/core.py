@@ -26,7 +26,7 @@ from castore.repo import Repo
 from castore.store.lmdb import LmdbTxn
 from castore.store.readahead import Readahead
 from castore.journal import Intent
-from castore.vfs.committer import AttrChange, Closing, Committer
+from castore.vfs.committer import AttrChange, Closing, Committer, drive_write
 from castore.vfs.openfile import FileServices, Held, OpenFile
 from castore.vfs.readcache import Budget, DeadlineError
 from castore.vfs.source import StoreSource
@@ -87,6 +87,10 @@ class VfsCore:
     # -- plumbing -------------------------------------------------------------------------
     def _landed(self, closing: Closing) -> None:
         raise NotImplementedError                    # FileHandleOps
+
+    def _write(self, fn: Callable[[LmdbTxn], T]) -> T:
+        """A commit of a change made through the drive (see drive_write)."""
+        return drive_write(self._env, fn)
 
     def _stable(self, fn: Callable[[LmdbTxn], T]) -> T:
         """fn(txn): a read of a store snapshot and of the open files together, run again on
@@ -444,7 +448,7 @@ class VfsCore:
             except CastoreError as exc:     # e.g. disk full: commit now, and say so
                 log.info("committing an attribute change directly: %s", exc)
                 try:
-                    self._env.write(lambda t: self._ns.set_attrs(
+                    self._write(lambda t: self._ns.set_attrs(
                         t, self._ns.get(t, nid) or node, attrs))
                 finally:
                     self._attrs_landed(nid)

@@ -26,7 +26,7 @@ class NamespaceEdits(FileHandleOps):
             self._ns.create(t, parent, name, Kind.DIR, file_attrs(mode, time.time_ns()),
                             known_absent=True)
             return parent.id
-        self._subdirs_changed(self._env.write(run), +1)
+        self._subdirs_changed(self._write(run), +1)
 
     def symlink(self, path: str | bytes, target: str | bytes) -> None:
         raw = os.fsencode(target)
@@ -38,7 +38,7 @@ class NamespaceEdits(FileHandleOps):
             self._ns.create(t, parent, name, Kind.SYMLINK,
                             {**file_attrs(0o777, time.time_ns()), b"target": raw},
                             known_absent=True)
-        self._env.write(run)
+        self._write(run)
 
     def readlink(self, path: str | bytes) -> bytes:
         def run(t: LmdbTxn) -> bytes:
@@ -60,7 +60,7 @@ class NamespaceEdits(FileHandleOps):
             parent, name = self._parent(t, path)
             self._ns.create(t, parent, name, Kind.FILE, file_attrs(mode, time.time_ns()),
                             EMPTY_REF, 0, known_absent=True)
-        self._env.write(run)
+        self._write(run)
 
     def rmdir(self, path: str | bytes) -> None:
         self.settle()
@@ -74,7 +74,7 @@ class NamespaceEdits(FileHandleOps):
             parent = node.parent
             self._ns.remove(t, node)
             return parent
-        parent = self._env.write(run)
+        parent = self._write(run)
         if parent is not None:
             self._subdirs_changed(parent, -1)
 
@@ -98,7 +98,7 @@ class NamespaceEdits(FileHandleOps):
             else:
                 self._ns.remove(t, node)
             return target
-        target = self._env.write(run)
+        target = self._write(run)
         if target.of is not None and target.version is None:
             self._forget(target.of)
 
@@ -160,7 +160,7 @@ class NamespaceEdits(FileHandleOps):
                 moved.extend(p for p in (node.parent, parent.id) if p is not None)
             self._ns.rename(t, node, parent, name)
         moved: list[NodeId] = []
-        self._env.write(run)
+        self._write(run)
         for p in moved:
             self._subdirs.pop(p, None)
 
@@ -173,7 +173,7 @@ class NamespaceEdits(FileHandleOps):
             return False
         node = target.node
         if node is not None:
-            self._env.write(lambda t: self._ns.remove(t, self._ns.get(t, node.id) or node))
+            self._write(lambda t: self._ns.remove(t, self._ns.get(t, node.id) or node))
         self._forget(of)
         with self._registry():
             self._hidden[hidden] = of

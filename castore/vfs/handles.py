@@ -278,7 +278,7 @@ class FileHandleOps(VfsCore):
                 nonlocal txn_id
                 txn_id = t.txn_id()
                 return journal.apply(t, self._ns, self._files, self._store, intent)
-            nid, key, ref = self._env.write(run)
+            nid, key, ref = self._write(run)
             self._committer.landing(txn_id)
             was_pending = of.node is None
             of.committed(built.manifest, key, ref, nid)
