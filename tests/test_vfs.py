@@ -380,6 +380,32 @@ def test_listeners_can_tell_the_drives_commits_from_the_apis(vfs: Vfs, repo: Rep
     assert not drive_commits()                  # outside any commit
 
 
+def test_a_listing_serves_the_stat_and_open_of_its_entries(
+        vfs: Vfs, repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program walking a tree lists a directory, then stats and opens each entry: those
+    requests use what the listing found instead of walking the path again, and see a change
+    committed since."""
+    vfs.mkdir("/d", 0o755)
+    _write(vfs, "/d/f", b"one")
+    _write(vfs, "/d/\xe9t\xe9", b"two")
+    walks: list[object] = []
+    real = vfs._walk
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        walks.append(args[1])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(vfs, "_walk", counting)
+    names = [name for name, _ in vfs.readdir_attrs("/d")]
+    assert names == [b"f", "\xe9t\xe9".encode()]
+    walks.clear()
+    for path, data in (("/d/f", b"one"), ("/d/\xe9t\xe9", b"two")):
+        assert vfs.getattr(path).size == len(data)
+        assert _read_all(vfs, path) == data
+    assert walks == []
+    list(repo.ingest([IngestItem("/d/f", Kind.FILE, data=b"changed")]))
+    assert vfs.getattr("/d/f").size == 7 and _read_all(vfs, "/d/f") == b"changed"
+
+
 def test_concurrent_writers_leave_a_conflict_copy(vfs: Vfs, repo: Repo) -> None:
     _write(vfs, "/c.txt", b"base")
     h = vfs.open("/c.txt", os.O_RDWR)

@@ -282,6 +282,18 @@ class VfsCore:
             return attr
         return self._stable(run)
 
+    def _known_path(self, path: str | bytes, txn_id: int, gen: int, node: Node,
+                    version: bytes | None, attr: Attr) -> None:
+        """Remember what a listing found at path, for the requests that follow it: a program
+        walking a tree opens and stats each entry it just listed."""
+        if len(self._resolved) > STAT_CACHE:
+            self._resolved.clear()
+        self._resolved[path] = (txn_id, node, version)
+        if attr.kind != Kind.DIR:
+            if len(self._stat_cache) > STAT_CACHE:
+                self._stat_cache.clear()
+            self._stat_cache[path] = (txn_id, gen, attr)
+
     def access(self, path: str | bytes, execute: bool) -> None:
         """access(2) where the kernel leaves permissions to the drive (a mount only root can
         use), with root's rules: read and write anything, run a file only if one of its x
@@ -391,19 +403,25 @@ class VfsCore:
     def _listing(self, path: str | bytes, attrs: bool
                  ) -> list[tuple[bytes, Kind, Attr | None]]:
         self.settle()           # a listing shows what closes before it did (conflict copies)
+        gen = self._gen
 
         def run(t: LmdbTxn) -> list[tuple[bytes, Kind, Attr | None]]:
-            target = self._resolve(t, path, t.txn_id())
+            txn_id = t.txn_id()
+            target = self._resolve(t, path, txn_id)
             if target.node is None or target.node.kind != Kind.DIR:
                 raise NotDirectoryError(f"{os.fsdecode(path)} is not a directory")
             out: list[tuple[bytes, Kind, Attr | None]] = []
+            child = _child_path(path)
             for e in self._ns.listing(t, target.node.id):
                 attr = None
                 if attrs:
                     node = self._ns.get(t, e.node)
                     if node is None:
                         continue
-                    attr = self._attr(t, Target(node, self._open.get(e.node), e.version))
+                    of = self._open.get(e.node)
+                    attr = self._attr(t, Target(node, of, e.version))
+                    if of is None:
+                        self._known_path(child(e.name), txn_id, gen, node, e.version, attr)
                 out.append((e.name, e.kind, attr))
             names = {n for n, _, _ in out}
             for n, of in self._pending_children(target.node.id):
@@ -479,3 +497,12 @@ class VfsCore:
                 "f_bfree": s.f_bfree, "f_bavail": s.f_bavail, "f_files": s.f_files,
                 "f_ffree": s.f_ffree, "f_favail": s.f_favail, "f_namemax": 255}
 
+
+def _child_path(path: str | bytes) -> Callable[[bytes], str | bytes]:
+    """name -> the path of that entry of directory path, spelled as the drive's callers spell
+    paths (str paths decode names as UTF-8 with surrogate escapes, like the FUSE adapter)."""
+    if isinstance(path, bytes):
+        base = path.rstrip(b"/") + b"/"
+        return lambda name: base + name
+    prefix = path.rstrip("/") + "/"
+    return lambda name: prefix + name.decode("utf-8", "surrogateescape")
