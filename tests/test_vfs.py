@@ -22,7 +22,7 @@ from castore.ops import Kind
 from castore.repo import IngestItem, Repo
 from castore.vfs import (AccessDeniedError, NoAttributeError, NotPermittedError, Vfs,
                          drive_commits)
-from castore.vfs import committer, handles, openfile, staging
+from castore.vfs import committer, openfile, staging
 
 HIDDEN = "/.fuse_hidden0000000100000002"
 
@@ -347,20 +347,26 @@ def test_an_open_descriptor_keeps_its_version(vfs: Vfs, repo: Repo) -> None:
     vfs.release(h3.fh)
 
 
-def test_a_small_written_file_is_read_anew_at_its_next_open(
-        vfs: Vfs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After writes the kernel holds only the pages that single writes filled whole: a small
-    file drops them at its next open (it comes back in one request instead of one per gap),
-    a large one keeps them. The open after that keeps the pages either way."""
-    monkeypatch.setattr(handles, "REREAD_WHOLE", 64 << 10)
-    _write(vfs, "/small", os.urandom(1000))
-    _write(vfs, "/large", os.urandom(100 << 10))
-    for path, first in (("/small", False), ("/large", True)):
+def test_a_file_written_in_pieces_that_split_pages_is_read_anew(vfs: Vfs) -> None:
+    """The kernel keeps the pages that single writes filled whole. A file written in pieces
+    that split pages drops them at its next open (it comes back in large requests instead
+    of one per gap); one written in whole pages, whatever its last piece, keeps them. The
+    open after that keeps the pages either way."""
+    data = os.urandom(100_000)
+    for path, piece, ragged in (("/tar", 10_240, True), ("/cp", 32 << 10, False),
+                                ("/one", len(data), False)):
+        h = vfs.create(path, 0o644, os.O_WRONLY)
+        for i in range(0, len(data), piece):
+            vfs.write(h.fh, i, data[i:i + piece])
+        vfs.flush(h.fh)
+        vfs.release(h.fh)
+        vfs.settle()
         h = vfs.open(path, os.O_RDONLY)
-        assert h.keep_cache is first, path
+        assert h.keep_cache is not ragged, path
         vfs.release(h.fh)
         h = vfs.open(path, os.O_RDONLY)
         assert h.keep_cache, path
+        assert vfs.read(h.fh, 0, len(data)) == data
         vfs.release(h.fh)
 
 

@@ -20,8 +20,8 @@ from castore.vfs.committer import AttrChange, Closing
 from castore.vfs.core import VfsCore
 from castore.vfs.openfile import OpenFile
 from castore.vfs.readcache import DeadlineError
-from castore.vfs.types import (KERNEL_VERSIONS, REREAD_WHOLE, Handle, NotPermittedError,
-                               Opened, head_of)
+from castore.vfs.types import (KERNEL_VERSIONS, Handle, NotPermittedError, Opened,
+                               head_of)
 
 log = logging.getLogger(__name__)
 FSYNC_TIMEOUT = 60.0            # seconds fsync waits for W copies in a cluster
@@ -294,10 +294,10 @@ class FileHandleOps(VfsCore):
             if self._pending.get((of.parent, of.name)) is of:  # type: ignore[arg-type]
                 del self._pending[(of.parent, of.name)]  # type: ignore[arg-type]
             self._open.setdefault(nid, of)
-        # The kernel keeps the pages that single writes filled whole, so a file written in
-        # pieces reads back through one request per gap. A small one is read anew in one
-        # request at its next open instead; a large one keeps what it has.
-        self._remember(nid, key if of.size > REREAD_WHOLE else None)
+        # The kernel keeps the pages that single writes filled whole: a file written in
+        # pieces that split pages would read back through one request per gap, so it is read
+        # anew, in large requests, at its next open.
+        self._remember(nid, None if of.ragged else key)
 
     def _landed(self, closing: Closing) -> None:
         """The committer's callback: a close reached the store (or could not). The open

@@ -17,6 +17,7 @@ Imports no FUSE code and no LMDB; the vfs supplies chunk loading and storing.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -37,6 +38,7 @@ from castore.vfs.stream import Cutter, StreamWriter
 BLOCK = 64 << 10            # granularity of the written-blocks map below base_limit
 STREAM_FROM = 16 << 20      # bytes appended before chunking starts in the background
 SMALL_COMMIT = 4 << 20      # content up to this size is chunked inside the commit itself
+PAGE = mmap.PAGESIZE        # the kernel's page cache granularity
 
 
 class Held:
@@ -107,6 +109,11 @@ class OpenFile:
         # set while a close of this file waits for its group commit (castore.vfs.committer):
         # its content is fixed until then, so writes wait for it
         self.inflight: Landing | None = None
+        # Whether the kernel's copy of the writes has gaps: it keeps the pages that single
+        # writes filled whole, so a write that starts inside a page, or follows one that
+        # ended inside a page, leaves one it will read back (see Vfs: keep_cache).
+        self.ragged = False
+        self._mid_page = False
 
     # -- state ----------------------------------------------------------------------------
     def _set_base(self, base: Manifest, key: bytes | None, ref: bytes) -> None:
@@ -213,6 +220,9 @@ class OpenFile:
             if offset < self.base_limit:
                 self._fill_blocks(offset, min(end, self.base_limit))
             staging.pwrite(data, offset)
+            if offset % PAGE or self._mid_page:
+                self.ragged = True
+            self._mid_page = bool(end % PAGE)
             self._note_write(offset, end)
             self.size = max(self.size, end)
             self.dirty = True

@@ -16,7 +16,6 @@ XATTR_CREATE, XATTR_REPLACE = 1, 2
 XATTR_MAX = 64 << 10
 CASTORE_XATTRS = ("user.castore.id", "user.castore.chunks")
 KERNEL_VERSIONS = 100_000       # files whose cached version is remembered (keep_cache)
-REREAD_WHOLE = 1 << 20          # written files up to this size drop their pages at next open
 HIDDEN = re.compile(rb"^\.fuse_hidden[0-9a-f]{16}$")    # libfuse's names for unlinked open files
 
 
