@@ -652,5 +652,6 @@ def test_readers_of_one_snapshot_share_the_nodes_they_decode(
     assert decoded == [nid]                      # the commit made a new snapshot
     monkeypatch.setattr("castore.store.lmdb.MEMO_ENTRIES", 0)
     decoded.clear()
-    assert size() == 7 and size() == 7
-    assert decoded == [nid, nid]                 # over the bound: no sharing
+    for _ in range(200):
+        assert size() == 7
+    assert 2 <= len(decoded) <= 5                # over the bound: started afresh now and then

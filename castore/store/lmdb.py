@@ -139,6 +139,7 @@ class LmdbEnv:
         self.drop_behind = DROP_BEHIND
         self._data_fd = -1
         self._memo: tuple[int, dict[str, object]] = (-1, {})
+        self._memo_reads = 0
         # called after each durable commit that added chunks or manifests (replication)
         self.on_commit: Callable[[list[ChunkId]], None] | None = None
         self._open()
@@ -225,9 +226,14 @@ class LmdbEnv:
         makes a new snapshot. A walk of the drive reads every node in several requests."""
         tid = txn.id()
         memo = self._memo
-        if memo[0] != tid or sum(len(v) for v in memo[1].values()  # type: ignore[arg-type]
-                                 if hasattr(v, "__len__")) > MEMO_ENTRIES:
+        if memo[0] != tid:
             memo = self._memo = (tid, {})
+        else:
+            self._memo_reads += 1
+            if not self._memo_reads % 64 and sum(  # its size, now and then (it costs µs)
+                    len(v) for v in memo[1].values()  # type: ignore[arg-type]
+                    if hasattr(v, "__len__")) > MEMO_ENTRIES:
+                memo = self._memo = (tid, {})
         return memo[1]
 
     def write(self, fn: Callable[[LmdbTxn], T], bulk: bool = False) -> T:
