@@ -202,9 +202,7 @@ def changed_paths(repo: Repo, ops: list[Op], max_paths: int = 100_000) -> Change
         for op in ops:
             if len(out.nodes) >= max_paths:
                 break
-            if op.node not in paths:
-                paths[op.node] = _path_of(repo, t, op.node)
-            path = paths[op.node]
+            path = _path_of(repo, t, op.node, paths)
             if path is not None:
                 out.add(path)
                 if op.type == OpType.CONTENT or op.has_content:
@@ -216,7 +214,7 @@ def changed_paths(repo: Repo, ops: list[Op], max_paths: int = 100_000) -> Change
                 raw = t.get("ops", op.key)
                 undo = split_entry(bytes(raw))[1] if raw is not None else b""
                 if undo[:1] == b"\x01":
-                    old_parent = _path_of(repo, t, NodeId(undo[1:17]))
+                    old_parent = _path_of(repo, t, NodeId(undo[1:17]), paths)
                     if old_parent is not None:
                         out.add(_join(old_parent, undo[41:]))
         return out
@@ -236,29 +234,43 @@ def top_level_paths(repo: Repo, limit: int = 10_000) -> Changed:
     return repo.env.read(run)
 
 
-def _path_of(repo: Repo, txn: LmdbTxn, nid: NodeId) -> bytes | None:
-    """The node's path in the users' view, or None when it is not in the tree."""
+def _path_of(repo: Repo, txn: LmdbTxn, nid: NodeId,
+             memo: dict[NodeId, bytes | None] | None = None) -> bytes | None:
+    """The node's path in the users' view, or None when it is not in the tree. memo: paths
+    found before in the same transaction (of the node and of every directory above it), so
+    that the ops of one directory cost one walk up the tree, not one each."""
     ns = repo.ns
-    parts: list[bytes] = []
+    memo = {} if memo is None else memo
+    names: list[bytes] = []
+    seen: list[NodeId] = []
     node = ns.get(txn, nid)
+    path: bytes | None = None
     for _ in range(4096):
         if node is None or node.id == TRASH:
-            return None
+            break
+        if node.id in memo:
+            path = memo[node.id]
+            break
         if node.id == ROOT:
-            return b"/" + b"/".join(reversed(parts))
+            path = b"/"
+            break
         parent, name = node.parent, node.name
         if parent == TRASH:               # a deleted file revived by an edit (edit beats delete)
             raw = txn.get("revived", node.id.raw)
             if raw is None:
-                return None
+                break
             parent, name = NodeId(bytes(raw[:16])), bytes(raw[16:])
         if parent is None:
-            return None
+            break
         if node.kind != Kind.UNKNOWN and ns.lookup(txn, parent, name) != node.id:
             name = conflict_name(name, node.move_key)   # lost the name to a concurrent entry
-        parts.append(name)
+        seen.append(node.id)
+        names.append(name)
         node = ns.get(txn, parent)
-    return None
+    for i in range(len(seen) - 1, -1, -1):
+        path = None if path is None else _join(path, names[i])
+        memo[seen[i]] = path
+    return path
 
 
 def _split(path: bytes) -> tuple[bytes, bytes]:
