@@ -523,6 +523,7 @@ class Invalidator:
         self.mountpoint = os.fsencode(mountpoint)
         self._notify = _Notify(ops)
         self._ops: list[Op] = []
+        self._local: list[Op] = []       # made here through the client API
         self._everything = False
         self._wake = threading.Condition()
         self._stop = threading.Event()
@@ -552,7 +553,7 @@ class Invalidator:
         if local and drive_commits():
             return                  # the kernel saw these happen
         with self._wake:
-            self._ops.extend(ops)
+            (self._local if local else self._ops).extend(ops)
             self._wake.notify_all()
 
     def refresh_top(self) -> None:
@@ -564,15 +565,20 @@ class Invalidator:
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._wake:
-                while not self._ops and not self._everything and not self._stop.is_set():
+                while not (self._ops or self._local or self._everything or
+                           self._stop.is_set()):
                     self._wake.wait(1.0)
                 batch, self._ops = self._ops[:INVALIDATE_BATCH], self._ops[INVALIDATE_BATCH:]
+                local, self._local = (self._local[:INVALIDATE_BATCH],
+                                      self._local[INVALIDATE_BATCH:])
                 everything, self._everything = self._everything, False
             try:
                 if everything:
                     self._send(top_level_paths(self.repo))
                 if batch:
                     self._send(changed_paths(self.repo, batch))
+                if local:
+                    self._send(changed_paths(self.repo, local, local=True))
             except Exception:   # a cache left to its timeout, never a dead thread
                 log.exception("invalidating the drive's kernel caches failed")
 

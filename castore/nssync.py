@@ -191,9 +191,15 @@ class Changed:
             self.names.add((parent, name))
 
 
-def changed_paths(repo: Repo, ops: list[Op], max_paths: int = 100_000) -> Changed:
+def changed_paths(repo: Repo, ops: list[Op], max_paths: int = 100_000,
+                  local: bool = False) -> Changed:
     """Where ops just applied here show in the tree: each node's path now and, for a move,
-    the place it left (from the op's undo record). Stops adding after max_paths."""
+    the place it left (from the op's undo record). Stops adding after max_paths.
+
+    local: the ops were made on this peer, newer than any other, so a move's new place is
+    the one it names (its directory's path and its name): no lookup of the node, which is
+    most of the cost of an add of many files. (A name it lost to a concurrent op from
+    another peer shows as a conflict copy, dropped when that op is handled.)"""
     ns = repo.ns
     out = Changed()
 
@@ -202,10 +208,16 @@ def changed_paths(repo: Repo, ops: list[Op], max_paths: int = 100_000) -> Change
         for op in ops:
             if len(out.nodes) >= max_paths:
                 break
-            path = _path_of(repo, t, op.node, paths)
+            placed = local and op.type == OpType.MOVE and op.parent is not None
+            if placed:
+                assert op.parent is not None
+                parent_path = _path_of(repo, t, op.parent, paths)
+                path = None if parent_path is None else _join(parent_path, op.name)
+            else:
+                path = _path_of(repo, t, op.node, paths)
             if path is not None:
                 out.add(path)
-                if op.type == OpType.CONTENT or op.has_content:
+                if op.type == OpType.CONTENT or (op.has_content and not placed) or op.parents:
                     node = ns.get(t, op.node)
                     parent, name = _split(path)
                     keys = list(op.parents) + [h.key for h in (node.heads[:-1] if node else [])]

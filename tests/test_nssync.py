@@ -11,7 +11,8 @@ import pytest
 
 from castore.config import Config
 from castore.ids import ChunkId
-from castore.nssync import LocalOpPeer, NamespaceSync
+from castore.nssync import LocalOpPeer, NamespaceSync, changed_paths
+from castore.ops import Kind, Op
 from castore.repo import IngestItem, Repo
 
 
@@ -118,3 +119,21 @@ def test_a_new_peer_bootstraps_from_a_snapshot_then_the_tail(cluster) -> None:  
     c.sync_once()
     assert "after.txt" in names(repos["c"])
     assert repos["c"].version_vector() == repos["a"].version_vector()
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_changed_paths_name_every_place_an_op_touched(repo: Repo, local: bool) -> None:
+    """The paths a mount drops from its kernel caches: a new file and its directory, the
+    places a file left when moved or deleted, and the new place; the same whether worked out
+    from the nodes (ops from other peers) or from the moves themselves (ops made here)."""
+    seen: list[list[Op]] = []
+    repo.add_listener(lambda ops, is_local: seen.append(list(ops)))
+    repo.mkdir("/d")
+    list(repo.ingest([IngestItem("/d/a", Kind.FILE, data=b"a"),
+                      IngestItem("/d/sub/b", Kind.FILE, data=b"b")]))
+    repo.rename("/d/a", "/d/sub/c")
+    repo.remove("/d/sub/b")
+    ops = [op for batch in seen for op in batch]
+    got = changed_paths(repo, ops, local=local)
+    assert {b"/d", b"/d/a", b"/d/sub", b"/d/sub/b", b"/d/sub/c"} <= got.nodes
+    assert {(b"/d", b"a"), (b"/d", b"sub"), (b"/d/sub", b"b"), (b"/d/sub", b"c")} <= got.names
