@@ -52,7 +52,7 @@ ATTR_TIMEOUT = 10.0              # seconds the kernel caches attributes and name
                                  # made through the mount are invalidated at once: Invalidator)
 MOUNT_TIMEOUT = 15.0             # seconds to wait for a mount to come up
 UNMOUNT_JOIN = 5.0               # seconds to wait for the FUSE loop to end after unmounting
-INVALIDATE_BATCH = 20_000        # remote ops turned into paths at a time
+INVALIDATE_BATCH = 20_000        # ops turned into paths at a time
 BLKSIZE = 128 << 10              # st_blksize: programs size their I/O buffers from it
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 _READDIR_PLUS, _FILL_DIR_PLUS = 1, 2     # libfuse3 fuse_readdir_flags, fuse_fill_dir_flags
