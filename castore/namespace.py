@@ -613,3 +613,9 @@ def _entry(enc: bytes, undo: bytes) -> bytes:
 def split_entry(buf: bytes) -> tuple[Op, bytes]:
     (n,) = _U32.unpack_from(buf, 0)
     return Op.decode(buf[4:4 + n]), bytes(buf[4 + n:])
+
+
+def entry_undo(buf: bytes | memoryview) -> bytes:
+    """The undo record of an ops entry, without decoding its op."""
+    (n,) = _U32.unpack_from(buf, 0)
+    return bytes(buf[4 + n:])

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from castore.errors import CastoreError
 from castore.ids import ROOT, TRASH, NodeId
-from castore.namespace import conflict_name, split_entry
+from castore.namespace import conflict_name, entry_undo
 from castore.ops import Kind, Op, OpType
 from castore.repo import Repo
 from castore.store.lmdb import LmdbTxn
@@ -224,7 +224,7 @@ def changed_paths(repo: Repo, ops: list[Op], max_paths: int = 100_000,
                     out.names.update((parent, conflict_name(name, k)) for k in keys)
             if op.type == OpType.MOVE:
                 raw = t.get("ops", op.key)
-                undo = split_entry(bytes(raw))[1] if raw is not None else b""
+                undo = entry_undo(raw) if raw is not None else b""
                 if undo[:1] == b"\x01":
                     old_parent = _path_of(repo, t, NodeId(undo[1:17]), paths)
                     if old_parent is not None:
