@@ -1,6 +1,7 @@
 """Benchmark of the drive (castore daemon --mount) against the same work on local disk, measured
-in the same run: sequential write and read of a large file (cold and warm, incompressible and
-compressible), creating many small files, and tar x / tar c of a source tree.
+in the same run: sequential write and read of a large file (read back right after it was
+written, cold and warm; incompressible and compressible), creating many small files, and tar x /
+tar c of a source tree.
 
     sudo /tmp/venv/bin/python bench/mount.py [--size 1024] [--runs 3] [--files 10000]
                                              [--only seq,creates,tar]
@@ -206,11 +207,15 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         base = compressible_base(size) if "compressible" in kinds else None
         for kind in kinds:
             w_c, w_b, r_cold_c, r_cold_b, r_warm_c, r_warm_b = [], [], [], [], [], []
+            r_new_c: list[float] = []
+            r_new_b: list[float] = []
             for run in range(args.runs):
                 data = memoryview(make_data(kind, size, run, base))
                 target = drive.mnt / f"{kind}-{run}.bin"
                 w_c.append(size / MiB / write_file(target, data, durable=False))
+                r_new_c.append(size / MiB / read_file(target)[0])
                 w_b.append(size / MiB / write_file(local / f"{kind}.bin", data, durable=True))
+                r_new_b.append(size / MiB / read_file(local / f"{kind}.bin")[0])
                 del data
                 drive.restart()                       # the first read after a mount
                 drop_caches()
@@ -226,6 +231,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             figs.add(f"seq_write_{kind}", "MB/s", w_c, w_b,
                      "castore: write + close (journaled; large chunks durable); "
                      "local: write + fdatasync")
+            figs.add(f"seq_read_written_{kind}", "MB/s", r_new_c, r_new_b,
+                     "read back right after it was written, same mount")
             figs.add(f"seq_read_cold_{kind}", "MB/s", r_cold_c, r_cold_b,
                      "after a fresh mount and drop_caches" if cold_ok else "caches NOT dropped")
             figs.add(f"seq_read_warm_{kind}", "MB/s", r_warm_c, r_warm_b, "second read")
