@@ -233,7 +233,8 @@ class Suite:
         ideal = r["lost_bytes"] / (raw * 1e6) if raw else 0.0
         self.figures.append(Figure(
             "repair_transfer", "restore R copies after kill -9: transfer", "s",
-            round(r["transfer_s"], 3), round(ideal, 4), "lost bytes at raw gRPC speed", "lower",
+            round(r["transfer_s"], 3), float(f"{ideal:.3g}"), "lost bytes at raw gRPC speed",
+            "lower",
             [], [], note=f"{r['lost_bytes'] / MiB:.1f} MiB lost; from the first repair transfer "
                          "queued to every copy back"))
         return self._add(Figure(
