@@ -137,8 +137,9 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         self._fuse_ptr = mfusepy._libfuse.fuse_get_context().contents.fuse
         if conn is not None and conn.capable & _CAP_EXPLICIT_INVAL_DATA:
             # Pages go when castore says the content changed (keep_cache per version at
-            # open, the Invalidator for other peers' changes), not whenever the kernel sees
-            # a new mtime: writes move the mtime, which made it drop every page just written.
+            # open, the Invalidator for changes not made through this mount), not whenever
+            # the kernel sees a new mtime: writes move the mtime, which made it drop every
+            # page just written.
             conn.want = (conn.want & ~_CAP_AUTO_INVAL_DATA) | _CAP_EXPLICIT_INVAL_DATA
         if config is not None:
             config.attr_timeout = ATTR_TIMEOUT
