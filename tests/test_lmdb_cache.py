@@ -1,15 +1,22 @@
-"""Drop-behind of bulk commits: the pages a large commit of chunk bytes appends to data.mdb
-leave the page cache once they are durable; small commits, namespace commits and chunks handed
-to replication keep theirs. Residency is read with mincore(2)."""
+"""The store's use of the page cache. Drop-behind of bulk commits: the pages a large commit of
+chunk bytes appends to data.mdb leave the page cache once they are durable; small commits,
+namespace commits and chunks handed to replication keep theirs. Residency is read with
+mincore(2). Read-around: a store small against memory lets the kernel read neighbouring pages
+with each fault (counted as major faults in a reader process)."""
 from __future__ import annotations
 
 import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from castore.ids import ChunkId
-from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn
+from castore.store import lmdb as lmdb_mod
+from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn, read_around
+from castore.store.readahead import WINDOW, WINDOW_AROUND
 from pagecache import PAGE, resident_fraction
 
 
@@ -86,3 +93,72 @@ def test_a_large_namespace_commit_keeps_its_pages(tmp_path: Path) -> None:
         assert resident_fraction(tmp_path / "db" / "data.mdb", before, end) > 0.9
     finally:
         env.close()
+
+
+def test_read_around_follows_the_store_size_against_memory(tmp_path: Path) -> None:
+    data = tmp_path / "data.mdb"
+    assert read_around(data, memory=1 << 30)                 # a new store
+    data.write_bytes(b"x" * (1 << 20))
+    assert read_around(data, memory=4 << 20)                 # exactly a quarter
+    assert not read_around(data, memory=(4 << 20) - 1)
+    assert not read_around(data, memory=0)                   # memory unknown: no guess
+
+
+@pytest.mark.parametrize("around", [True, False])
+def test_the_map_mode_and_the_readahead_window_match(tmp_path: Path, around: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if not around:
+        monkeypatch.setattr(lmdb_mod, "memory_bytes", lambda: 0)
+    env = LmdbEnv(tmp_path / "db")
+    try:
+        assert env.read_around is around
+        assert env.env.flags()["readahead"] is around
+        assert env.readahead_for(1 << 40).window == (WINDOW_AROUND if around else WINDOW)
+        assert env.readahead_for(5000).window == 5000
+    finally:
+        env.close()
+
+
+_READER = """
+import random, resource, sys
+from castore.store import lmdb as m
+if sys.argv[2] == "off":
+    m.memory_bytes = lambda: 0
+env = m.LmdbEnv(sys.argv[1], readonly=True)
+store = m.LmdbStore(env)
+ids = list(store.ids())
+random.Random(7).shuffle(ids)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+assert all(store.get(cid) for cid in ids)
+print(env.read_around, resource.getrusage(resource.RUSAGE_SELF).ru_majflt - before)
+"""
+
+
+def test_a_cold_walk_of_small_chunks_faults_far_less_with_read_around(tmp_path: Path) -> None:
+    """2,000 chunks of 1-3 KiB (most of them inside B-tree leaves, spread by their hash), read
+    in random order by a fresh process once their pages left the cache: without read-around
+    about one major fault per leaf; with it, the kernel brings the neighbours of each."""
+    env = LmdbEnv(tmp_path / "db")
+    try:
+        rnd = random.Random(3)
+        items = []
+        for _ in range(2000):
+            data = rnd.randbytes(rnd.randint(1024, 3072))
+            items.append((ChunkId.of(data), data))
+        LmdbStore(env, level=0).put_many(items)
+    finally:
+        env.close()
+    faults = {}
+    for mode in ("off", "on"):
+        fd = os.open(tmp_path / "db" / "data.mdb", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        out = subprocess.run([sys.executable, "-c", _READER, str(tmp_path / "db"), mode],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        shown, count = out.split()
+        assert shown == ("True" if mode == "on" else "False")
+        faults[mode] = int(count)
+    assert faults["off"] >= 200, faults         # the pages really came from the disk
+    assert faults["on"] * 4 <= faults["off"], faults

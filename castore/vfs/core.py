@@ -24,7 +24,6 @@ from castore.ids import ROOT, ChunkId, NodeId
 from castore.ops import Attrs, Kind, Node, int_attr, split_path
 from castore.repo import Repo
 from castore.store.lmdb import LmdbTxn
-from castore.store.readahead import Readahead
 from castore.journal import Intent
 from castore.vfs.committer import AttrChange, Closing, Committer, drive_write
 from castore.vfs.openfile import FileServices, Held, OpenFile
@@ -61,7 +60,7 @@ class VfsCore:
             budget=Budget(),
             staging_dir=self.staging_dir,
             pipeline=lambda: ChunkPipeline(self._env, self._store, self._write_pool),
-            readahead=Readahead.for_file, lock_timeout=lock_timeout)
+            readahead=self._env.readahead_for, lock_timeout=lock_timeout)
         self._mutex = threading.Lock()      # the registries below; held only briefly
         self._open: dict[NodeId, OpenFile] = {}
         self._pending: dict[tuple[NodeId, bytes], OpenFile] = {}
