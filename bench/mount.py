@@ -1,10 +1,11 @@
 """Benchmark of the drive (castore daemon --mount) against the same work on local disk, measured
 in the same run: sequential write and read of a large file (read back right after it was
 written, cold and warm; incompressible and compressible), creating many small files, and tar x /
-tar c of a source tree.
+tar c of a source tree. tar c is also run through borg mount of an archive of the same tree,
+when borg is installed: the anchor the drive's tree reading is held against.
 
     sudo /tmp/venv/bin/python bench/mount.py [--size 1024] [--runs 3] [--files 10000]
-                                             [--only seq,creates,tar]
+                                             [--only seq,creates,tar] [--no-borg]
 
 Writes bench/results/mount.json and mount.png and prints one JSON line per figure. Cold reads
 drop the page cache (echo 3 > /proc/sys/vm/drop_caches, root) for castore and the baseline
@@ -167,6 +168,46 @@ def tar_c(src: Path) -> float:
     return time.perf_counter() - start
 
 
+class BorgMount:
+    """borg mount of an archive of the tree (an anchor: borg's FUSE view of a backup), run in
+    the foreground and stopped by PID. borg 1.2 (Debian: apt-get install borgbackup
+    python3-pyfuse3) serves it through pyfuse3, libfuse's low-level API."""
+
+    def __init__(self, borg: str, work: Path, tree: str) -> None:
+        self.borg = borg
+        self.repo = work / "borg-repo"
+        self.mnt = work / "borg-mnt"
+        self.mnt.mkdir()
+        self.env = {**os.environ, "BORG_BASE_DIR": str(work / "borg-home"),
+                    "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+                    "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+        subprocess.run([borg, "init", "-e", "none", str(self.repo)], env=self.env,
+                       check=True, capture_output=True)
+        subprocess.run([borg, "create", f"{self.repo}::tree", "."], cwd=tree, env=self.env,
+                       check=True, capture_output=True)
+
+    def tar_c(self, entries: int) -> tuple[float, float]:
+        """files/s of tar c through a fresh borg mount after drop_caches, then again."""
+        drop_caches()
+        proc = subprocess.Popen([self.borg, "mount", "-f", f"{self.repo}::tree", str(self.mnt)],
+                                env=self.env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.ismount(self.mnt):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("borg mount did not come up")
+                time.sleep(0.05)
+            return entries / tar_c(self.mnt), entries / tar_c(self.mnt)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def count_entries(root: Path) -> int:
     return sum(len(dirs) + len(files) for _, dirs, files in os.walk(root))
 
@@ -273,14 +314,31 @@ def tar_figures(args: argparse.Namespace, figs: Figures, drive: Daemon, local: P
         cw_c.append(entries / tar_c(drive.mnt / f"tree-{run}"))
         cw_b.append(entries / tar_c(local / f"tree-{run}"))
     drive.restart()
+    cc2_c, cc2_b = [], []
     for run in range(args.runs):
         drop_caches()
         cc_c.append(entries / tar_c(drive.mnt / f"tree-{run}"))
+        cc2_c.append(entries / tar_c(drive.mnt / f"tree-{run}"))
         drop_caches()
         cc_b.append(entries / tar_c(local / f"tree-{run}"))
+        cc2_b.append(entries / tar_c(local / f"tree-{run}"))
+    borg = shutil.which("borg") if args.borg else None
+    anchor: dict[str, dict[str, Any]] = {"cold": {}, "again": {}}
+    if borg is None:
+        print("bench: borg is not installed (apt-get install borgbackup python3-pyfuse3): "
+              "no borg mount figures", file=sys.stderr)
+    else:
+        bm = BorgMount(borg, work, args.tree)
+        runs = [bm.tar_c(entries) for _ in range(args.runs)]
+        for key, i in (("cold", 0), ("again", 1)):
+            anchor[key] = {"borg": round(statistics.median(r[i] for r in runs), 1),
+                           "borg_runs": [round(r[i], 1) for r in runs]}
     figs.add("tar_x", "files/s", x_c, x_b, f"{entries} entries from {args.tree}")
     figs.add("tar_c", "files/s", cw_c, cw_b, "right after tar x (kernel caches warm)")
-    figs.add("tar_c_cold", "files/s", cc_c, cc_b, "after a fresh mount and drop_caches")
+    figs.add("tar_c_cold", "files/s", cc_c, cc_b, "after a fresh mount and drop_caches; "
+             "borg: borg mount of an archive of the same tree, the same way", **anchor["cold"])
+    figs.add("tar_c_cold_again", "files/s", cc2_c, cc2_b, "the same tar c once more "
+             "(page cache and daemon warm)", **anchor["again"])
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -294,6 +352,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         xs = range(len(items))
         ax.bar([x - 0.2 for x in xs], [f["castore"] for f in items], 0.4, label="castore drive")
         ax.bar([x + 0.2 for x in xs], [f["baseline"] for f in items], 0.4, label="local disk")
+        borg = [(x, f["borg"]) for x, f in zip(xs, items) if f.get("borg")]
+        if borg:
+            ax.plot([x for x, _ in borg], [v for _, v in borg], "k*", markersize=10,
+                    label="borg mount (same tree)")
         for x, f in zip(xs, items):
             if f.get("target"):
                 ax.plot([x - 0.4, x + 0.4], [f["target"]] * 2, "r--", linewidth=1)
@@ -317,6 +379,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--files", type=int, default=10_000, help="small files to create")
     p.add_argument("--tree", default="/usr/share/doc", help="source tree for tar x / tar c")
+    p.add_argument("--no-borg", dest="borg", action="store_false",
+                   help="skip the borg mount figures of tar c (measured when borg is installed)")
     p.add_argument("--kind", choices=("both", "incompressible", "compressible"),
                    default="both", help="data of the sequential figures (default: both)")
     p.add_argument("--dir", default=None, help="work directory (default: a temp dir in /tmp)")
