@@ -119,6 +119,55 @@ def test_the_map_mode_and_the_readahead_window_match(tmp_path: Path, around: boo
         env.close()
 
 
+def random_read_flags(data: Path) -> list[bool]:
+    """For each mapping of data in this process: whether the kernel reads it at random
+    (VM_RAND_READ, 'rr' among VmFlags in /proc/self/smaps)."""
+    target, out, current = str(data.resolve()), [], False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(None, 5)
+            if first and "-" in first[0] and len(first) >= 5:      # a mapping's header
+                current = len(first) == 6 and first[5].rstrip("\n") == target
+            elif current and line.startswith("VmFlags:"):
+                out.append("rr" in line.split()[1:])
+    return out
+
+
+@pytest.mark.parametrize("around", [True, False])
+def test_the_kernel_is_told_how_the_map_is_read(tmp_path: Path, around: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if not around:
+        monkeypatch.setattr(lmdb_mod, "memory_bytes", lambda: 0)
+    env = LmdbEnv(tmp_path / "db")
+    try:
+        flags = random_read_flags(tmp_path / "db" / "data.mdb")
+        assert flags and all(f is not around for f in flags), flags
+    finally:
+        env.close()
+
+
+def test_a_store_that_outgrows_read_around_stops_using_it(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    env = LmdbEnv(tmp_path / "db", map_size=1 << 20)
+    try:
+        store = LmdbStore(env, level=0)
+        data = os.urandom(64 << 10)
+        store.put(ChunkId.of(data), data)
+        assert env.read_around
+        monkeypatch.setattr(lmdb_mod, "memory_bytes", lambda: 1 << 20)  # now too large
+        for _ in range(40):                     # grows the map (1 MiB at first)
+            data = os.urandom(64 << 10)
+            store.put(ChunkId.of(data), data)
+        assert env.map_size() > 1 << 20
+        assert not env.read_around
+        flags = random_read_flags(tmp_path / "db" / "data.mdb")
+        assert flags and all(flags), flags
+        assert env.readahead_for(1 << 40).window == WINDOW
+        assert len(store.get(ChunkId.of(data))) == 64 << 10
+    finally:
+        env.close()
+
+
 _READER = """
 import random, resource, sys
 from castore.store import lmdb as m

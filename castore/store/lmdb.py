@@ -24,7 +24,7 @@ from castore.errors import (ChunkNotFoundError, DeadlineError, RepoError,
 from castore.ids import ChunkId
 from castore.store import StoredChunk
 from castore.store.memory import verify
-from castore.store.readahead import WINDOW, WINDOW_AROUND, Readahead
+from castore.store.readahead import WINDOW, WINDOW_AROUND, Readahead, random_access
 
 if TYPE_CHECKING:
     from castore.store import BlobStore
@@ -135,6 +135,22 @@ def read_around(data: Path, memory: int | None = None) -> bool:
     return memory > 0 and size * READ_AROUND_SHARE <= memory
 
 
+def map_ranges(path: Path) -> list[tuple[int, int]]:
+    """(start, end) of each mapping of a file in this process (/proc/self/maps)."""
+    target = str(path.resolve())
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                    lo, hi = fields[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:         # not Linux: nothing to tell the kernel
+        pass
+    return out
+
+
 class LmdbEnv:
     """One LMDB environment of a repo, shared by every thread of the process.
 
@@ -149,8 +165,9 @@ class LmdbEnv:
     B-tree pages and small chunks already read with a neighbour's (tar c of 4,150 files from a
     cold cache: 2,200 -> 2,900 files/s here, 10,700 major faults -> none). A larger store is
     opened with MDB_NORDAHEAD, as LMDB advises for a database that does not fit in memory:
-    each random lookup then reads one page, not 32. Sequential readers ask for their own
-    window either way (castore.store.readahead; readahead_for).
+    each random lookup then reads one page, not 32. A store that outgrows the share while open
+    loses read-around when its map next grows (madvise MADV_RANDOM on the new map). Sequential
+    readers ask for their own window either way (castore.store.readahead; readahead_for).
     """
 
     def __init__(self, path: str | os.PathLike[str], map_size: int = DEFAULT_MAP_SIZE,
@@ -169,7 +186,7 @@ class LmdbEnv:
         self._data_fd = -1
         self._memo: tuple[int, dict[str, object]] = (-1, {})
         self._memo_reads = 0
-        self.read_around = False
+        self.read_around = self._opened_around = False
         # called after each durable commit that added chunks or manifests (replication)
         self.on_commit: Callable[[list[ChunkId]], None] | None = None
         self._open()
@@ -178,7 +195,7 @@ class LmdbEnv:
         try:
             if not self._readonly:
                 self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.read_around = read_around(self.path / "data.mdb")
+            self.read_around = self._opened_around = read_around(self.path / "data.mdb")
             self.env = lmdb.open(str(self.path), map_size=self._map_size, max_dbs=len(DBS) + 2,
                                  max_readers=self._max_readers, sync=True, metasync=True,
                                  writemap=False, readahead=self.read_around,
@@ -191,6 +208,18 @@ class LmdbEnv:
             self.env.reader_check()      # clear reader slots of killed processes
             self._psize = int(self.env.stat()["psize"])
             self._data_fd = os.open(self.path / "data.mdb", os.O_RDONLY | os.O_CLOEXEC)
+
+    def _recheck_read_around(self) -> None:
+        """After a remap (map growth): a store opened with read-around that is now too large
+        for it stops using it. The flag LMDB was opened with holds for every later map, so
+        the new map is told directly."""
+        if self._opened_around and self.read_around and \
+                not read_around(self.path / "data.mdb"):
+            self.read_around = False
+            log.info("the store outgrew a quarter of memory: no read-around on its map")
+        if self._opened_around and not self.read_around:
+            for start, end in map_ranges(self.path / "data.mdb"):
+                random_access(start, end - start)
 
     def readahead_for(self, size: int) -> Readahead:
         """The Readahead of a sequential reader of `size` bytes, for this map's mode."""
@@ -339,6 +368,7 @@ class LmdbEnv:
                 self.env.set_mapsize(new_size)
                 if new_size:
                     log.info("store map grown to %d MiB", new_size >> 20)
+                self._recheck_read_around()
             finally:
                 self._resizing = False
                 self._gate.notify_all()

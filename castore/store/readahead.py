@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 WINDOW = 8 << 20            # bytes of the map asked for ahead of the last chunk read
 WINDOW_AROUND = 32 << 20    # the same when the map has the kernel's read-around
 _PAGE = 4096
+_MADV_RANDOM = 1
 _MADV_WILLNEED = 3
 
 
@@ -64,6 +65,12 @@ def address(view: bytes | memoryview) -> tuple[int, int]:
         return int(pb.buf or 0), int(pb.len)
     finally:
         _release_buffer(ctypes.byref(pb))
+
+
+def random_access(start: int, length: int) -> None:
+    """Tell the kernel that a mapping is read at random (no read-around on its faults)."""
+    if _libc is not None and _libc.madvise(start, length, _MADV_RANDOM) != 0:
+        log.warning("madvise(MADV_RANDOM) failed: errno %d", ctypes.get_errno())
 
 
 class Readahead:
