@@ -5,10 +5,12 @@ mincore(2). Read-around: a store small against memory lets the kernel read neigh
 with each fault (counted as major faults in a reader process)."""
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from castore.ids import ChunkId
 from castore.store import lmdb as lmdb_mod
 from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn, read_around
-from castore.store.readahead import WINDOW, WINDOW_AROUND
+from castore.store.readahead import WINDOW, WINDOW_AROUND, Readahead
 from pagecache import PAGE, resident_fraction
 
 
@@ -211,3 +213,33 @@ def test_a_cold_walk_of_small_chunks_faults_far_less_with_read_around(tmp_path: 
         faults[mode] = int(count)
     assert faults["off"] >= 200, faults         # the pages really came from the disk
     assert faults["on"] * 4 <= faults["off"], faults
+
+
+def test_a_readahead_window_is_read_whole_even_past_the_kernels_limit(tmp_path: Path) -> None:
+    """The kernel reads at most max(read_ahead_kb, max_sectors_kb) of one WILLNEED (8 MiB on
+    this machine's disk): a 32 MiB window over a map read at random must still arrive whole."""
+    path = tmp_path / "data"
+    size = 40 << 20
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    try:
+        m.madvise(mmap.MADV_RANDOM)
+        view = memoryview(m)
+        try:
+            ra = Readahead(32 << 20)
+            ra.after(view[:PAGE])
+        finally:
+            view.release()
+        deadline = time.monotonic() + 20
+        while resident_fraction(path, PAGE, 32 << 20) < 0.95 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        frac = resident_fraction(path, PAGE, 32 << 20)
+        assert frac >= 0.95, f"only {frac:.0%} of the window was read"
+        assert resident_fraction(path, (34 << 20), size) < 0.5      # and not far beyond it
+    finally:
+        m.close()
