@@ -547,3 +547,26 @@ def test_access_runs_only_files_with_an_x_bit(vfs: Vfs) -> None:
     vfs.access("/d", execute=True)                 # root may enter any directory
     with pytest.raises(PathNotFoundError):
         vfs.access("/missing", execute=True)
+
+
+def test_a_walk_of_many_files_asks_for_the_whole_store(vfs: Vfs, repo: Repo,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many first reads in a short time (tar c, cp -r) start LmdbEnv.prewarm; reading a few
+    files, or reading one file many times, does not."""
+    from castore.vfs import core
+    started: list[int] = []
+    monkeypatch.setattr(repo.env, "prewarm", lambda: started.append(1) or True)
+    for i in range(core.WALK_FILES + 2):
+        _write(vfs, f"/f{i}", f"file {i}".encode())
+    h = vfs.open("/f0", os.O_RDONLY)
+    try:
+        for _ in range(3 * core.WALK_FILES):
+            assert vfs.read(h.fh, 0, 100) == b"file 0"
+    finally:
+        vfs.release(h.fh)
+    for i in range(1, core.WALK_FILES - 1):
+        assert _read_all(vfs, f"/f{i}") == f"file {i}".encode()
+    assert not started                  # one file read often, then a few files
+    last = core.WALK_FILES - 1
+    assert _read_all(vfs, f"/f{last}") == f"file {last}".encode()
+    assert started == [1]               # the sixteenth file first read within a second

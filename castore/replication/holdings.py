@@ -15,7 +15,7 @@ from castore.ids import ChunkId
 from castore.store import StoredChunk
 from castore.store.lmdb import QUIET, LmdbEnv, LmdbStore, LmdbTxn
 from castore.store.memory import verify
-from castore.store.readahead import address
+from castore.store.readahead import Readahead, address
 
 MANIFEST = 0x4D          # codec tag of a manifest on the wire ('M'); never stored as a chunk
 _REFS = 4                # the manifests table prefixes each body with a 4-byte ref count
@@ -68,7 +68,7 @@ class RepoHoldings:
                 out.append((address(view)[0], cid))
             return out
         order = [c for _, c in sorted(self.env.read(locate), key=lambda x: x[0])]
-        ra = self.env.readahead_for(1 << 62)
+        ra = Readahead()
 
         def group(t: LmdbTxn, part: list[ChunkId]) -> list[tuple[ChunkId, StoredChunk]]:
             got = []

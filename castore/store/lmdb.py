@@ -11,6 +11,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from castore.errors import (ChunkNotFoundError, DeadlineError, RepoError,
 from castore.ids import ChunkId
 from castore.store import StoredChunk
 from castore.store.memory import verify
-from castore.store.readahead import WINDOW, WINDOW_AROUND, Readahead, random_access
+from castore.store.readahead import ASK, Readahead
 
 if TYPE_CHECKING:
     from castore.store import BlobStore
@@ -38,8 +39,9 @@ DEFAULT_MAP_SIZE = 1 << 40          # sparse: the file grows only to what is use
 MAX_MAP_SIZE = 1 << 44
 WRITE_WAIT = 120.0              # seconds a write waits for the one before it, then DeadlineError
 MEMO_ENTRIES = 200_000          # entries a snapshot's shared read memo holds before a new one
-READ_AROUND_SHARE = 4          # the kernel's read-around while data.mdb is at most this
-                                # share of the machine's memory (1/4); see LmdbEnv
+PREWARM_SHARE = 16              # a walk asks for the whole store while data.mdb is at most
+                                # this share of the machine's memory (1/16); see prewarm()
+PREWARM_EVERY = 60.0            # seconds before the store is asked for again
 DROP_BEHIND = 8 << 20           # a commit that appends at least this much leaves the page cache
 _META = struct.Struct("<IB")        # raw_len, codec
 _COUNTERS = ("chunks", "raw_bytes", "stored_bytes")
@@ -125,32 +127,6 @@ def memory_bytes() -> int:
         return 0
 
 
-def read_around(data: Path, memory: int | None = None) -> bool:
-    """Whether a map of this data file keeps the kernel's read-around (see LmdbEnv)."""
-    try:
-        size = data.stat().st_size
-    except FileNotFoundError:
-        size = 0
-    memory = memory_bytes() if memory is None else memory
-    return memory > 0 and size * READ_AROUND_SHARE <= memory
-
-
-def map_ranges(path: Path) -> list[tuple[int, int]]:
-    """(start, end) of each mapping of a file in this process (/proc/self/maps)."""
-    target = str(path.resolve())
-    out = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split(None, 5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == target:
-                    lo, hi = fields[0].split("-")
-                    out.append((int(lo, 16), int(hi, 16)))
-    except OSError:         # not Linux: nothing to tell the kernel
-        pass
-    return out
-
-
 class LmdbEnv:
     """One LMDB environment of a repo, shared by every thread of the process.
 
@@ -158,16 +134,6 @@ class LmdbEnv:
     doubles and fn runs again, so fn must be safe to re-run. A full disk raises
     StorageFullError: the transaction is rolled back, committed data stays readable, and the
     next write succeeds once space returns.
-
-    Read-around. The kernel reads 128 KiB around a page fault in the map unless told the
-    access is random. A store whose data.mdb is at most 1/READ_AROUND_SHARE of the machine's
-    memory when it opens keeps that: a cold walk of a tree of small files then finds most
-    B-tree pages and small chunks already read with a neighbour's (tar c of 4,150 files from a
-    cold cache: 2,200 -> 2,900 files/s here, 10,700 major faults -> none). A larger store is
-    opened with MDB_NORDAHEAD, as LMDB advises for a database that does not fit in memory:
-    each random lookup then reads one page, not 32. A store that outgrows the share while open
-    loses read-around when its map next grows (madvise MADV_RANDOM on the new map). Sequential
-    readers ask for their own window either way (castore.store.readahead; readahead_for).
     """
 
     def __init__(self, path: str | os.PathLike[str], map_size: int = DEFAULT_MAP_SIZE,
@@ -186,7 +152,9 @@ class LmdbEnv:
         self._data_fd = -1
         self._memo: tuple[int, dict[str, object]] = (-1, {})
         self._memo_reads = 0
-        self.read_around = self._opened_around = False
+        self._prewarm_mutex = threading.Lock()
+        self._prewarmed_at = -PREWARM_EVERY
+        self.prewarms = 0       # whole-store reads started (see prewarm)
         # called after each durable commit that added chunks or manifests (replication)
         self.on_commit: Callable[[list[ChunkId]], None] | None = None
         self._open()
@@ -195,11 +163,10 @@ class LmdbEnv:
         try:
             if not self._readonly:
                 self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.read_around = self._opened_around = read_around(self.path / "data.mdb")
             self.env = lmdb.open(str(self.path), map_size=self._map_size, max_dbs=len(DBS) + 2,
                                  max_readers=self._max_readers, sync=True, metasync=True,
-                                 writemap=False, readahead=self.read_around,
-                                 readonly=self._readonly, meminit=False)
+                                 writemap=False, readahead=False, readonly=self._readonly,
+                                 meminit=False)
         except lmdb.Error as exc:
             raise RepoError(f"cannot open the store at {self.path}: {exc}") from None
         self.dbs = {name: self.env.open_db(name.encode(), create=not self._readonly)
@@ -209,21 +176,33 @@ class LmdbEnv:
             self._psize = int(self.env.stat()["psize"])
             self._data_fd = os.open(self.path / "data.mdb", os.O_RDONLY | os.O_CLOEXEC)
 
-    def _recheck_read_around(self) -> None:
-        """After a remap (map growth): a store opened with read-around that is now too large
-        for it stops using it. The flag LMDB was opened with holds for every later map, so
-        the new map is told directly."""
-        if self._opened_around and self.read_around and \
-                not read_around(self.path / "data.mdb"):
-            self.read_around = False
-            log.info("the store outgrew a quarter of memory: no read-around on its map")
-        if self._opened_around and not self.read_around:
-            for start, end in map_ranges(self.path / "data.mdb"):
-                random_access(start, end - start)
+    def prewarm(self) -> bool:
+        """Ask the kernel for the whole data file at once, from a thread of its own, when it is
+        at most 1/PREWARM_SHARE of the machine's memory; at most every PREWARM_EVERY seconds.
+        Returns whether it started.
 
-    def readahead_for(self, size: int) -> Readahead:
-        """The Readahead of a sequential reader of `size` bytes, for this map's mode."""
-        return Readahead.for_file(size, WINDOW_AROUND if self.read_around else WINDOW)
+        For walks of the tree (castore.vfs calls it when many files are read in a short
+        time): nodes, chunk metadata and chunks are B-trees keyed by id and hash, so the
+        small files of one directory lie anywhere in data.mdb, and a cold walk reads them one
+        4 KiB page fault at a time (a tar c of 4,150 files took 10,700). Read whole and in
+        order instead, a small store is in memory a moment later. The map itself stays without
+        kernel readahead: with it (LMDB's default), the same tar c ran 30% faster but a cold
+        sequential read of a large file 10% slower, and a store much larger than memory would
+        read 8 MiB around every random lookup here."""
+        with self._prewarm_mutex:
+            now = time.monotonic()
+            if self._data_fd < 0 or now - self._prewarmed_at < PREWARM_EVERY:
+                return False
+            self._prewarmed_at = now
+            size = os.fstat(self._data_fd).st_size
+            memory = memory_bytes()
+            if not memory or size * PREWARM_SHARE > memory:
+                return False
+            self.prewarms += 1
+            fd = os.dup(self._data_fd)
+        threading.Thread(target=_willneed, args=(fd, size), name="castore-prewarm",
+                         daemon=True).start()
+        return True
 
     def close(self) -> None:
         self.env.close()
@@ -368,7 +347,6 @@ class LmdbEnv:
                 self.env.set_mapsize(new_size)
                 if new_size:
                     log.info("store map grown to %d MiB", new_size >> 20)
-                self._recheck_read_around()
             finally:
                 self._resizing = False
                 self._gate.notify_all()
@@ -378,6 +356,18 @@ class LmdbEnv:
 
     def disk_usage(self) -> int:
         return sum(f.stat().st_size for f in self.path.glob("*.mdb"))
+
+
+def _willneed(fd: int, size: int) -> None:
+    """Ask the kernel for a file's first size bytes (ASK at a time: it drops the rest of a
+    larger request), then close fd."""
+    try:
+        for at in range(0, size, ASK):
+            os.posix_fadvise(fd, at, min(ASK, size - at), os.POSIX_FADV_WILLNEED)
+    except OSError as exc:      # advice only
+        log.debug("prewarm: %s", exc)
+    finally:
+        os.close(fd)
 
 
 def _run_hook(hook: Callable[[], None]) -> None:

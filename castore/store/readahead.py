@@ -1,18 +1,16 @@
 """Sequential readahead for chunk reads from the LMDB map.
 
-A store that is large against the machine's memory is opened without the kernel's read-around
-(random lookups then read one page each, not 128 KiB; see castore.store.lmdb), and py-lmdb
-touches every page of a value when it is read, so a cold 1 MiB chunk arrives as 256
+The environment is opened without kernel readahead (random metadata lookups stay cheap), and
+py-lmdb touches every page of a value when it is read, so a cold 1 MiB chunk arrives as 256
 synchronous 4 KiB page faults: about 40 MB/s here, against the disk's ~400 MB/s. The chunks of
 one file are mostly stored one after the other in data.mdb (they are committed in file order),
 so after each chunk read a Readahead asks the kernel (madvise WILLNEED, asynchronous) for the
 next few MiB of the map. Measured here: 45 -> 560 MB/s for a cold 1 GiB file. Wrong guesses
 cost only some extra reading.
 
-The kernel reads at most max(read_ahead_kb, max_sectors_kb) of one WILLNEED (8 MiB here) and
-drops the rest, so a window is asked for in pieces of ASK bytes. The window depends on the
-map's mode (bench/mount.py's cold read of 1 GiB, medians of 6 runs): with read-around, 8 MiB
-gave 908 MB/s and 32 MiB 967; without it 8 MiB gave 1,096 and 32 MiB 1,066. Imports nothing
+The kernel reads at most max(read_ahead_kb, max_sectors_kb) of one WILLNEED (8 MiB on this
+machine's disk) and drops the rest, so a window is asked for in pieces of ASK bytes (a 32 MiB
+window asked at once arrived as 25% of it, and a cold read ran at 260 MB/s). Imports nothing
 of castore.
 """
 from __future__ import annotations
@@ -23,11 +21,9 @@ import logging
 log = logging.getLogger(__name__)
 
 WINDOW = 8 << 20            # bytes of the map asked for ahead of the last chunk read
-WINDOW_AROUND = 32 << 20    # the same when the map has the kernel's read-around
 _PAGE = 4096
 ASK = 512 << 10             # bytes per madvise: the kernel reads at most max(read_ahead_kb,
                             # max_sectors_kb) of one WILLNEED and drops the rest of it
-_MADV_RANDOM = 1
 _MADV_WILLNEED = 3
 
 
@@ -71,12 +67,6 @@ def address(view: bytes | memoryview) -> tuple[int, int]:
         _release_buffer(ctypes.byref(pb))
 
 
-def random_access(start: int, length: int) -> None:
-    """Tell the kernel that a mapping is read at random (no read-around on its faults)."""
-    if _libc is not None and _libc.madvise(start, length, _MADV_RANDOM) != 0:
-        log.warning("madvise(MADV_RANDOM) failed: errno %d", ctypes.get_errno())
-
-
 class Readahead:
     """One sequential reader's window ahead in the map. Cheap when the window is already
     asked for; safe to share between threads (a race only repeats a hint)."""
@@ -88,11 +78,11 @@ class Readahead:
         self._until = 0
 
     @classmethod
-    def for_file(cls, size: int, window: int = WINDOW) -> Readahead:
+    def for_file(cls, size: int) -> Readahead:
         """The readahead of one file of `size` bytes: its window no larger than the file.
         Asking for a window costs even when it is cached (about 235 us for 8 MiB here), so
         a small file must not pay for a large one."""
-        return cls(min(window, size))
+        return cls(min(WINDOW, size))
 
     def after(self, view: bytes | memoryview) -> None:
         """view was just read from the map: ask for the bytes that follow it."""

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +24,7 @@ from castore.ids import ROOT, ChunkId, NodeId
 from castore.ops import Attrs, Kind, Node, int_attr, split_path
 from castore.repo import Repo
 from castore.store.lmdb import LmdbTxn
+from castore.store.readahead import Readahead
 from castore.journal import Intent
 from castore.vfs.committer import AttrChange, Closing, Committer, drive_write
 from castore.vfs.openfile import FileServices, Held, OpenFile
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 REGISTRY_TIMEOUT = 10.0
 NLINK_TTL = 1.0                 # seconds a directory's subdirectory count is cached
 STAT_CACHE = 100_000            # stat results cached at most
+WALK_FILES = 16                 # files first read within WALK_SECONDS: a walk of the tree
+WALK_SECONDS = 1.0
 
 
 class VfsCore:
@@ -60,7 +63,7 @@ class VfsCore:
             budget=Budget(),
             staging_dir=self.staging_dir,
             pipeline=lambda: ChunkPipeline(self._env, self._store, self._write_pool),
-            readahead=self._env.readahead_for, lock_timeout=lock_timeout)
+            readahead=Readahead.for_file, lock_timeout=lock_timeout)
         self._mutex = threading.Lock()      # the registries below; held only briefly
         self._open: dict[NodeId, OpenFile] = {}
         self._pending: dict[tuple[NodeId, bytes], OpenFile] = {}
@@ -82,6 +85,7 @@ class VfsCore:
         self._attrs_order = threading.Lock()    # journal order = the order they show in
         self._attrs_mutex = threading.Lock()    # _attrs_pending; held only briefly
         self._committer = Committer(repo, self._landed)
+        self._first_reads: deque[float] = deque(maxlen=WALK_FILES)
 
     # -- plumbing -------------------------------------------------------------------------
     def _landed(self, closing: Closing) -> None:
@@ -134,6 +138,16 @@ class VfsCore:
                 raise
         self.repo.fetch([cid])
         return self._env.read(fn)
+
+    def _first_read(self) -> None:
+        """An open file's first read. Many in a short time are a walk (tar c, cp -r, rsync,
+        grep -r), which on a cold store would wait on the disk one page fault at a time: a
+        small store is then asked for whole (LmdbEnv.prewarm)."""
+        now = time.monotonic()
+        reads = self._first_reads
+        reads.append(now)
+        if len(reads) == WALK_FILES and now - reads[0] <= WALK_SECONDS:
+            self._env.prewarm()
 
     def _handle(self, fh: int) -> Handle:
         h = self._handles.get(fh)

@@ -176,7 +176,11 @@ class FileHandleOps(VfsCore):
 
     def read_into(self, fh: int, offset: int, dest: memoryview) -> int:
         """Fill dest from offset; returns the byte count (less only at the end of file)."""
-        return self._handle(fh).of.read_into(offset, dest)
+        of = self._handle(fh).of
+        if not of.read_started:
+            of.read_started = True
+            self._first_read()
+        return of.read_into(offset, dest)
 
     def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         """Write through an open handle; data is only read during the call."""

@@ -114,6 +114,7 @@ class OpenFile:
         # ended inside a page, leaves one it will read back (see Vfs: keep_cache).
         self.ragged = False
         self._mid_page = False
+        self.read_started = False           # counted as a first read (VfsCore._first_read)
 
     # -- state ----------------------------------------------------------------------------
     def _set_base(self, base: Manifest, key: bytes | None, ref: bytes) -> None:
