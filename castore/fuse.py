@@ -676,6 +676,9 @@ class Mount:
                 pass
 
 
+MAX_THREADS = 10                # libfuse worker threads at most
+
+
 def start_mount(repo: Repo, mountpoint: str, allow_other: bool = False) -> Mount:
     """Mount the repo's namespace at mountpoint and return once it serves. A stale castore
     mount left there by a killed daemon is cleaned up first. Raises MountError.
@@ -691,8 +694,11 @@ def start_mount(repo: Repo, mountpoint: str, allow_other: bool = False) -> Mount
     vfs = Vfs(repo)
     ops = CastoreOps(vfs)
     errors: list[BaseException] = []
+    # max_idle_threads: every worker stays (libfuse's default, "unlimited", made explicit:
+    # libfuse 3.14 takes that default for an invalid value and says so at every mount)
     options: dict[str, Any] = dict(foreground=True, raw_fi=True, fsname="castore",
-                                   subtype="castore")
+                                   subtype="castore", max_threads=MAX_THREADS,
+                                   max_idle_threads=MAX_THREADS)
     if allow_other:
         options["allow_other"] = True
     if allow_other or os.geteuid() != 0:

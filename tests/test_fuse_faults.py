@@ -134,6 +134,7 @@ def test_signals_unmount_cleanly(tmp_path: Path, sig: int) -> None:
         d.send(sig)
         assert d.wait(15) == 0, d.log_text()
         assert mounts.find(str(d.mnt)) is None
+        assert "Ignoring invalid" not in d.log_text()     # libfuse's options are all valid
     finally:
         d.stop()
     with drive(tmp_path) as d:
