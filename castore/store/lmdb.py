@@ -184,8 +184,8 @@ class LmdbEnv:
         For walks of the tree (castore.vfs calls it when many files are read in a short
         time): nodes, chunk metadata and chunks are B-trees keyed by id and hash, so the
         small files of one directory lie anywhere in data.mdb, and a cold walk reads them one
-        4 KiB page fault at a time (a tar c of 4,150 files took 10,700). Read whole and in
-        order instead, a small store is in memory a moment later. The map itself stays without
+        4 KiB page fault at a time (a tar c of 4,150 files took 10,700 faults). Read whole and
+        in order instead, a small store is in memory a moment later. The map itself stays without
         kernel readahead: with it (LMDB's default), the same tar c ran 30% faster but a cold
         sequential read of a large file 10% slower, and a store much larger than memory would
         read 8 MiB around every random lookup here."""
