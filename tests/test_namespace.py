@@ -655,3 +655,19 @@ def test_readers_of_one_snapshot_share_the_nodes_they_decode(
     for _ in range(200):
         assert size() == 7
     assert 2 <= len(decoded) <= 5                # over the bound: started afresh now and then
+
+
+def test_the_memo_size_check_survives_a_reader_adding_to_the_memo(lmdb_env: LmdbEnv) -> None:
+    """Readers of one snapshot share the memo, so another thread may add to it while one
+    measures it: the measure must not fail on a dict changing size under it."""
+    memo: dict[str, object] = {}
+
+    class Grows:
+        def __len__(self) -> int:        # another reader adds its part meanwhile
+            memo[f"other-{len(memo)}"] = {}
+            return 1
+    memo["a"] = Grows()
+    tid = int(lmdb_env.env.info()["last_txnid"])
+    lmdb_env._memo = (tid, memo)
+    lmdb_env._memo_reads = 63                    # the next read measures the memo
+    assert lmdb_env.read(lambda txn: txn.txn_id()) == tid

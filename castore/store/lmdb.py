@@ -273,8 +273,10 @@ class LmdbEnv:
             memo = self._memo = (tid, {})
         else:
             self._memo_reads += 1
-            if not self._memo_reads % 64 and sum(  # its size, now and then (it costs µs)
-                    len(v) for v in memo[1].values()  # type: ignore[arg-type]
+            # its size, now and then (it costs µs); list() copies the values at once, as
+            # readers in other threads may add to the memo meanwhile
+            if not self._memo_reads % 64 and sum(
+                    len(v) for v in list(memo[1].values())  # type: ignore[arg-type]
                     if hasattr(v, "__len__")) > MEMO_ENTRIES:
                 memo = self._memo = (tid, {})
         return memo[1]
