@@ -1,9 +1,10 @@
-"""Page-cache residency of a file's pages, read with mincore(2) (a plain module: tests import
-it)."""
+"""Page-cache residency of a file's pages, read with mincore(2), and dropping them (a plain
+module: tests import it)."""
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -28,3 +29,12 @@ def resident_fraction(path: Path, start: int, end: int) -> float:
             del view
             m.close()
     return sum(v & 1 for v in vec) / pages
+
+
+def drop_pages(path: Path) -> None:
+    """Ask the kernel to drop the file's clean pages that no process maps."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

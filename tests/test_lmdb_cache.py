@@ -16,7 +16,7 @@ from castore.ids import ChunkId
 from castore.store import lmdb as lmdb_mod
 from castore.store.lmdb import LmdbEnv, LmdbStore, LmdbTxn
 from castore.store.readahead import Readahead
-from pagecache import PAGE, resident_fraction
+from pagecache import PAGE, drop_pages, resident_fraction
 
 
 def append_chunks(env: LmdbEnv, store: LmdbStore, total: int) -> tuple[int, int]:
@@ -94,21 +94,13 @@ def test_a_large_namespace_commit_keeps_its_pages(tmp_path: Path) -> None:
         env.close()
 
 
-def _drop(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_prewarm_reads_a_small_store_whole(tmp_path: Path) -> None:
     env = LmdbEnv(tmp_path / "db")
     try:
         append_chunks(env, LmdbStore(env, level=0), 16 << 20)
         data = tmp_path / "db" / "data.mdb"
         size = data.stat().st_size
-        _drop(data)
+        drop_pages(data)
         assert resident_fraction(data, 0, size) < 0.2
         assert env.prewarm()
         deadline = time.monotonic() + 20
@@ -129,7 +121,7 @@ def test_prewarm_leaves_a_store_large_against_memory_alone(
         data = tmp_path / "db" / "data.mdb"
         size = data.stat().st_size
         monkeypatch.setattr(lmdb_mod, "memory_bytes", lambda: size * lmdb_mod.PREWARM_SHARE - 1)
-        _drop(data)
+        drop_pages(data)
         assert not env.prewarm()
         time.sleep(0.3)
         assert resident_fraction(data, 0, size) < 0.2
@@ -147,8 +139,8 @@ def test_a_readahead_window_is_read_whole_even_past_the_kernels_limit(tmp_path: 
         f.write(os.urandom(size))
         f.flush()
         os.fsync(f.fileno())
+    drop_pages(path)
     with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
     try:
         m.madvise(mmap.MADV_RANDOM)
