@@ -57,6 +57,7 @@ BLKSIZE = 128 << 10              # st_blksize: programs size their I/O buffers f
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 _READDIR_PLUS, _FILL_DIR_PLUS = 1, 2     # libfuse3 fuse_readdir_flags, fuse_fill_dir_flags
 _CAP_AUTO_INVAL_DATA, _CAP_EXPLICIT_INVAL_DATA = 1 << 12, 1 << 25     # fuse_conn_info.want
+PUSH_LIMIT = 256 << 10           # files opened for reading up to this size are pushed whole
 
 # Most specific first: NameTooLongError is an InvalidNameError.
 ERRNO: list[tuple[type[BaseException], int]] = [
@@ -125,9 +126,12 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
 
     use_ns = True                       # times are int nanoseconds
 
-    def __init__(self, vfs: Vfs) -> None:
+    def __init__(self, vfs: Vfs, mountpoint: str = "") -> None:
         self._vfs = vfs
+        self._mountpoint = os.fsencode(mountpoint)
         self._fuse_ptr: int | None = None
+        self.notify: _Notify | None = None
+        self.pushed = 0                  # files handed to the kernel at open (for debuggers)
         self._ready = threading.Event()
         self._dirs: dict[int, list[tuple[bytes, Attr | None]] | None] = {}
         self._dirs_mutex = threading.Lock()
@@ -304,11 +308,35 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
     @_translated
     def open(self, path: str, fi: Any) -> int:
         opened = self._vfs.open(path, fi.flags)
-        fi.keep_cache = 1 if opened.keep_cache else 0
+        keep = opened.keep_cache
         if (fi.flags & os.O_ACCMODE) == os.O_RDONLY:
             fi.noflush = 1               # nothing to commit: the kernel can skip FLUSH
+            if opened.push_from is not None:
+                pushed = self._push(path, opened.fh, opened.push_from)
+                if pushed is not None:
+                    keep = pushed
+        fi.keep_cache = 1 if keep else 0
         fi.fh = opened.fh
         return 0
+
+    def _push(self, path: str, fh: int, start: int) -> bool | None:
+        """Hand a small file just opened for reading (from start, where the kernel's pages
+        of it end) to the kernel's page cache before the open returns. Its reader then
+        finds every page there: it sends no READ, and so no GETATTR either (the kernel
+        forgets the atime after each READ, and tar, cp and rsync stat the file after
+        reading it), two round trips of the four a walk pays per file. None when nothing
+        was pushed; else whether the kernel may keep the pages (they are still the file's
+        content)."""
+        notify = self.notify
+        if notify is None or not self._mountpoint:
+            return None
+        data = self._vfs.whole(fh, start, PUSH_LIMIT)
+        if data is None or not notify.store(self._mountpoint + os.fsencode(path), start, data):
+            return None
+        self.pushed += 1
+        # a writer that opened the file meanwhile may have put its own pages there: the
+        # kernel drops them all at this open then (keep_cache 0), and reads them back
+        return self._vfs.alone(fh)
 
     @_translated
     def read(self, path: str | None, size: int, offset: int, fh: Any) -> bytes:
@@ -451,12 +479,54 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
         return 0
 
 
+class _FuseBuf(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _FuseBufvec(ctypes.Structure):       # libfuse's struct fuse_bufvec of one buffer
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t),
+                ("off", ctypes.c_size_t), ("buf", _FuseBuf * 1)]
+
+
+class _FileHandle(ctypes.Structure):       # struct file_handle, room for FUSE's 12 bytes
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_uint32 * 8)]
+
+
+_AT_FDCWD = -100
+_FILEID_INO64_GEN = 0x81                    # FUSE's handle: node id (2 words), generation
+_libc = ctypes.CDLL(None, use_errno=True)
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int]
+_name_to_handle_at.restype = ctypes.c_int
+
+
+def node_id(path: bytes) -> int | None:
+    """The FUSE node id the kernel holds for path on a castore mount (from its file handle,
+    which FUSE builds from the node id: no request reaches the daemon for a path the kernel
+    has just resolved). None if the kernel cannot say."""
+    fh = _FileHandle()
+    fh.handle_bytes = ctypes.sizeof(fh.f_handle)
+    mount_id = ctypes.c_int()
+    if _name_to_handle_at(_AT_FDCWD, path, ctypes.byref(fh), ctypes.byref(mount_id), 0):
+        return None
+    if fh.handle_type != _FILEID_INO64_GEN or fh.handle_bytes < 8:
+        return None
+    return (fh.f_handle[0] << 32) | fh.f_handle[1]
+
+
 class _Notify:
     """libfuse3's cache notifications, bound once. Calls are refused (False) once the loop is
     about to end: struct fuse is freed with it."""
 
     def __init__(self, ops: CastoreOps) -> None:
         lib = mfusepy._libfuse
+        self._store = lib.fuse_lowlevel_notify_store
+        self._store.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64,
+                                ctypes.POINTER(_FuseBufvec), ctypes.c_int]
+        self._store.restype = ctypes.c_int
         self._ops = ops
         self._mutex = threading.Lock()
         self._closed = False
@@ -492,6 +562,26 @@ class _Notify:
                 return False
             return int(self._path(ptr, path)) == 0
 
+    def store(self, path: bytes, offset: int, data: bytes) -> bool:
+        """Put data into the kernel's page cache of the file at path (a path the kernel
+        holds, on this mount) at offset. Safe inside an operation on that file other than
+        READ (which holds the page locks this waits for)."""
+        nid = node_id(path)
+        if nid is None:
+            return False
+        vec = _FuseBufvec(1, 0, 0)
+        vec.buf[0].size = len(data)
+        vec.buf[0].mem = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p)
+        vec.buf[0].fd = -1
+        with self._mutex:
+            ptr = self._ops._fuse_ptr
+            if self._closed or not ptr:
+                return False
+            rc = int(self._store(self._session_of(ptr), nid, offset, ctypes.byref(vec), 0))
+        if rc:
+            log.debug("pushing %r into the page cache: %s", path, errno.errorcode.get(-rc, rc))
+        return rc == 0
+
     def entry(self, parent_ino: int, name: bytes) -> None:
         """Make the kernel look name up again in directory parent_ino (a libfuse node id)."""
         with self._mutex:
@@ -519,10 +609,10 @@ class Invalidator:
     waits, and no notification is sent from inside a FUSE operation (libfuse can deadlock
     then). Ops made through the mount are left out: the kernel saw them happen."""
 
-    def __init__(self, repo: Repo, ops: CastoreOps, mountpoint: str) -> None:
+    def __init__(self, repo: Repo, notify: _Notify, mountpoint: str) -> None:
         self.repo = repo
         self.mountpoint = os.fsencode(mountpoint)
-        self._notify = _Notify(ops)
+        self._notify = notify
         self._ops: list[Op] = []
         self._local: list[Op] = []       # made here through the client API
         self._everything = False
@@ -692,7 +782,8 @@ def start_mount(repo: Repo, mountpoint: str, allow_other: bool = False) -> Mount
     except OSError as exc:
         raise MountError(f"cannot use {mp} as a mountpoint: {exc.strerror}") from None
     vfs = Vfs(repo)
-    ops = CastoreOps(vfs)
+    ops = CastoreOps(vfs, mp)
+    ops.notify = _Notify(ops)
     errors: list[BaseException] = []
     # max_idle_threads: every worker stays (libfuse's default, "unlimited", made explicit:
     # libfuse 3.14 takes that default for an invalid value and says so at every mount)
@@ -735,7 +826,7 @@ def start_mount(repo: Repo, mountpoint: str, allow_other: bool = False) -> Mount
         mount.stop()
         raise MountError(f"the drive at {mp} did not come up within {MOUNT_TIMEOUT:.0f} s")
     mounts.raise_readahead(mp)
-    mount.invalidator = Invalidator(repo, ops, mp)
+    mount.invalidator = Invalidator(repo, ops.notify, mp)
     mount.invalidator.start()
     log.info("castore drive mounted at %s", mp)
     return mount

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from castore.fuse import PUSH_LIMIT
 from pagecache import resident_fraction
 from fuse_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Drive, castore,
                           errname, needs_fuse, oserror, renameat2)
@@ -340,6 +341,38 @@ def test_written_pages_stay_cached_after_the_attributes_refresh(here: Path) -> N
         assert resident_fraction(p, 0, 8 << 20) == 1.0
         f.seek(0)
         assert f.read() == block * 64
+
+
+def test_a_small_file_is_in_the_page_cache_once_opened(mounted: Drive, here: Path,
+                                                        tmp_path: Path) -> None:
+    """The open of a small file the kernel holds nothing of hands it the whole file: its
+    reader finds every page there and sends no READ (and so no GETATTR after one). A
+    larger file is read on demand."""
+    small, large = os.urandom(10_000), os.urandom(PUSH_LIMIT + 4096)
+    (tmp_path / "small").write_bytes(small)
+    (tmp_path / "large").write_bytes(large)
+    castore("add", "-q", tmp_path / "small", tmp_path / "large", "--to",
+            "/" + str(here.relative_to(mounted.mnt)), home=mounted.home)
+    deadline = time.monotonic() + 3.0
+    while not (here / "large").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert resident_fraction(here / "small", 0, len(small)) == 1.0     # opened, not read
+    assert resident_fraction(here / "large", 0, len(large)) == 0.0
+    assert (here / "small").read_bytes() == small
+    assert (here / "large").read_bytes() == large
+
+
+def test_a_file_written_here_gets_its_last_page_back_at_open(here: Path) -> None:
+    """After a write the kernel keeps the whole pages it filled but not a partial last page;
+    the next open hands that page over, so reading the file back sends no READ."""
+    p = here / "tail"
+    data = os.urandom(2 * mmap.PAGESIZE + 1000)
+    with open(p, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())                     # committed before the next open
+    assert resident_fraction(p, 0, len(data)) == 1.0
+    assert p.read_bytes() == data
 
 
 def test_xattrs(mounted: Drive, here: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from castore import chunking, codec, files
-from castore.errors import ExistsError, NotEmptyError, PathNotFoundError
+from castore.errors import ExistsError, IntegrityError, NotEmptyError, PathNotFoundError
 from castore.namespace import Namespace
 from castore.ops import Kind
 from castore.repo import IngestItem, Repo
@@ -368,6 +368,52 @@ def test_a_file_written_in_pieces_that_split_pages_is_read_anew(vfs: Vfs) -> Non
         assert h.keep_cache, path
         assert vfs.read(h.fh, 0, len(data)) == data
         vfs.release(h.fh)
+
+
+def test_what_an_open_may_hand_the_kernel(vfs: Vfs, repo: Repo) -> None:
+    """push_from says where the kernel's pages of the opened version end: 0 when it holds
+    none of it, the last partial page of a file written here in whole pages, nothing once
+    it has them all. whole() gives those bytes only while the handle is the file's one
+    and the file has no unsaved writes."""
+    data = os.urandom(3 * 4096 + 100)
+    list(repo.ingest([IngestItem("/api", Kind.FILE, data=data)]))
+    h = vfs.open("/api", os.O_RDONLY)
+    assert (h.keep_cache, h.push_from) == (False, 0)
+    assert vfs.whole(h.fh, 0, len(data) - 1) is None          # over the limit
+    assert vfs.whole(h.fh, 0, len(data)) == data
+    assert vfs.whole(h.fh, 4096, len(data)) == data[4096:]
+    h2 = vfs.open("/api", os.O_RDONLY)
+    assert (h2.keep_cache, h2.push_from) == (True, None)
+    assert vfs.whole(h2.fh, 0, len(data)) is None and not vfs.alone(h2.fh)
+    vfs.release(h.fh)
+    assert vfs.alone(h2.fh)
+    vfs.release(h2.fh)
+
+    _write(vfs, "/here", data)
+    h = vfs.open("/here", os.O_RDONLY)
+    assert (h.keep_cache, h.push_from) == (True, 3 * 4096)
+    vfs.release(h.fh)
+    h = vfs.open("/here", os.O_RDONLY)
+    assert (h.keep_cache, h.push_from) == (True, None)
+    w = vfs.open("/here", os.O_WRONLY)
+    vfs.write(w.fh, 0, b"unsaved")
+    assert vfs.whole(h.fh, 0, len(data)) is None and not vfs.alone(h.fh)
+    vfs.release(w.fh)
+    vfs.release(h.fh)
+
+
+def test_whole_leaves_a_bad_chunk_to_the_read(vfs: Vfs, repo: Repo) -> None:
+    """A chunk that fails its check is not handed to the kernel: the READ that follows
+    reports it (EIO on the drive)."""
+    data = os.urandom(5000)
+    list(repo.ingest([IngestItem("/bad", Kind.FILE, data=data)]))
+    cid = next(iter(repo.store.env.read(lambda t: [bytes(k) for k, _ in t.scan("chunks")])))
+    repo.store.env.write(lambda t: t.put("chunks", cid, b"\0" * 5000))
+    h = vfs.open("/bad", os.O_RDONLY)
+    assert vfs.whole(h.fh, 0, 1 << 20) is None
+    with pytest.raises(IntegrityError):
+        vfs.read(h.fh, 0, 5000)
+    vfs.release(h.fh)
 
 
 def test_listeners_can_tell_the_drives_commits_from_the_apis(vfs: Vfs, repo: Repo) -> None:

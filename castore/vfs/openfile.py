@@ -183,6 +183,13 @@ class OpenFile:
         with self.locked():
             return self._read_merged(offset, dest)
 
+    def read_once(self, offset: int, dest: memoryview) -> int:
+        """read_into for a clean file's bytes read only once (ChunkReader.read_once); 0 if
+        the file has unsaved writes."""
+        if self.dirty:
+            return 0
+        return self.reader.read_once(offset, dest[:max(0, min(len(dest), self.size - offset))])
+
     def _read_merged(self, offset: int, dest: memoryview) -> int:
         n = min(len(dest), self.size - offset)
         if n <= 0:

@@ -35,6 +35,10 @@ class ChunkSource(Protocol):
              ) -> int | None:
         """Copy bytes of an uncompressed chunk into dest; None if it is not stored so."""
 
+    def fill(self, cid: ChunkId, offset: int, dest: memoryview) -> None:
+        """Verify a chunk and copy len(dest) of its bytes from offset into dest, in one
+        step, keeping nothing. Raises IntegrityError, ChunkNotFoundError."""
+
 
 class Budget:
     """Bytes of decompressed chunks held by every reader together, capped: a reader only reads
@@ -152,6 +156,21 @@ class ChunkReader:
                         break
                     self._chunks[j] = self._pool.submit(self._probe, j)
                 j += 1
+
+    def read_once(self, offset: int, dest: memoryview) -> int:
+        """read_into for bytes read only once (a small file handed whole to the kernel):
+        each chunk verified and copied in one step, nothing kept, nothing read ahead."""
+        m = self.manifest
+        want = min(len(dest), m.size - offset)
+        done = 0
+        i = m.locate(offset) if want > 0 else len(m.chunks)
+        while done < want:
+            start = offset + done - m.offsets[i]
+            n = min(want - done, m.lengths[i] - start)
+            self._source.fill(m.chunks[i], start, dest[done:done + n])
+            done += n
+            i += 1
+        return max(done, 0)
 
     def read_into(self, offset: int, dest: memoryview) -> int:
         """Copy the bytes at offset into dest; returns how many (short only at the end)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from castore import codec
+from castore.errors import IntegrityError
 from castore.ids import ChunkId
 from castore.store.lmdb import LmdbStore, LmdbTxn
 from castore.store.memory import verify
@@ -47,3 +48,13 @@ class StoreSource:
             dest[:n] = view[offset:offset + n]
             return n
         return self._read(run, cid)  # type: ignore[return-value]
+
+    def fill(self, cid: ChunkId, offset: int, dest: memoryview) -> None:
+        def run(t: LmdbTxn) -> None:
+            tag, raw_len, view = self._store.view_in(t, cid)
+            data = view if tag == codec.RAW else codec.decode(tag, view, raw_len)
+            verify(cid, data)
+            if len(data) < offset + len(dest):
+                raise IntegrityError(f"chunk {cid} is shorter than its file says")
+            dest[:] = memoryview(data)[offset:offset + len(dest)]
+        self._read(run, cid)

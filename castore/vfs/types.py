@@ -55,10 +55,12 @@ class Attr:
 @dataclass(frozen=True, slots=True)
 class Opened:
     """An open file handle, and whether the kernel may keep pages it cached for this file
-    (the version is the one it cached them from)."""
+    (the version is the one it cached them from). push_from: the offset from which the
+    kernel lacks pages of this version, if it may be handed them now (Vfs.whole)."""
 
     fh: int
     keep_cache: bool
+    push_from: int | None = None
 
 
 @dataclass(slots=True)
