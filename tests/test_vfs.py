@@ -458,6 +458,39 @@ def test_a_listing_serves_the_stat_and_open_of_its_entries(
     assert vfs.getattr("/d/f").size == 7 and _read_all(vfs, "/d/f") == b"changed"
 
 
+def test_a_listing_is_kept_until_something_changes(vfs: Vfs, repo: Repo,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second pass over a tree lists nothing anew; a commit (here or from elsewhere) or a
+    change to an open file shows in the next listing."""
+    vfs.mkdir("/d", 0o755)
+    _write(vfs, "/d/f", b"one")
+    lists: list[object] = []
+    real = vfs._ns.listing
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        lists.append(args[1])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(vfs._ns, "listing", counting)
+
+    def sizes() -> dict[bytes, int]:
+        return {name: a.size for name, a in vfs.readdir_attrs("/d")}
+    assert sizes() == {b"f": 3} and len(lists) == 1
+    assert sizes() == {b"f": 3} and len(lists) == 1
+    list(repo.ingest([IngestItem("/d/f", Kind.FILE, data=b"changed")]))
+    assert sizes() == {b"f": 7} and len(lists) == 2
+    h = vfs.open("/d/f", os.O_WRONLY)
+    vfs.write(h.fh, 7, b"!")
+    assert sizes() == {b"f": 8} and len(lists) == 3
+    g = vfs.create("/d/g", 0o644, os.O_WRONLY)
+    assert sizes() == {b"f": 8, b"g": 0}
+    vfs.release(g.fh)
+    vfs.release(h.fh)
+    vfs.settle()
+    assert sizes() == {b"f": 8, b"g": 0}
+    vfs.unlink("/d/g")
+    assert sizes() == {b"f": 8}
+
+
 def test_concurrent_writers_leave_a_conflict_copy(vfs: Vfs, repo: Repo) -> None:
     _write(vfs, "/c.txt", b"base")
     h = vfs.open("/c.txt", os.O_RDWR)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 REGISTRY_TIMEOUT = 10.0
 NLINK_TTL = 1.0                 # seconds a directory's subdirectory count is cached
 STAT_CACHE = 100_000            # stat results cached at most
+LISTINGS = 4096                 # directory listings cached at most
+LISTING_MAX = 10_000            # entries of a listing worth caching at most
 WALK_FILES = 16                 # files first read within WALK_SECONDS: a walk of the tree
 WALK_SECONDS = 1.0
 
@@ -80,6 +82,9 @@ class VfsCore:
         # committed (LMDB's txn id) and no open file changed here (_gen)
         self._stat_cache: dict[str | bytes, tuple[int, int, Attr]] = {}
         self._resolved: dict[str | bytes, tuple[int, Node, bytes | None]] = {}
+        # listings with attributes, valid under the same rule as _stat_cache
+        self._listings: dict[str | bytes, tuple[int, int, list[tuple[bytes, Kind,
+                                                                 Attr | None]]]] = {}
         self._gen = 0
         # attribute changes of committed nodes in the close journal, not committed yet:
         # node -> (changes queued, the attributes they set); shown by _overlay
@@ -419,9 +424,15 @@ class VfsCore:
                  ) -> list[tuple[bytes, Kind, Attr | None]]:
         self.settle()           # a listing shows what closes before it did (conflict copies)
         gen = self._gen
+        if attrs:               # a walk's second pass lists nothing anew
+            hit = self._listings.get(path)
+            if hit is not None and hit[1] == gen and hit[0] == self._txn_id():
+                return hit[2]
+        snap = 0
 
         def run(t: LmdbTxn) -> list[tuple[bytes, Kind, Attr | None]]:
-            txn_id = t.txn_id()
+            nonlocal snap
+            txn_id = snap = t.txn_id()
             target = self._resolve(t, path, txn_id)
             if target.node is None or target.node.kind != Kind.DIR:
                 raise NotDirectoryError(f"{os.fsdecode(path)} is not a directory")
@@ -444,7 +455,12 @@ class VfsCore:
                     out.append((n, Kind.FILE, self._attr(t, Target(None, of))
                                 if attrs else None))
             return out
-        return self._stable(run)
+        listing = self._stable(run)
+        if attrs and len(listing) <= LISTING_MAX:
+            if len(self._listings) >= LISTINGS:
+                self._listings.clear()
+            self._listings[path] = (snap, gen, listing)
+        return listing
 
     def _set_attrs(self, path: str | bytes, attrs: Attrs,
                    check: Callable[[Target], None] | None = None) -> None:
