@@ -826,6 +826,7 @@ def start_mount(repo: Repo, mountpoint: str, allow_other: bool = False) -> Mount
         mount.stop()
         raise MountError(f"the drive at {mp} did not come up within {MOUNT_TIMEOUT:.0f} s")
     mounts.raise_readahead(mp)
+    vfs.mounted()
     mount.invalidator = Invalidator(repo, ops.notify, mp)
     mount.invalidator.start()
     log.info("castore drive mounted at %s", mp)

@@ -16,6 +16,7 @@ import pytest
 
 from castore import mounts
 from fuse_helpers import Drive, castore, drive, needs_fuse, oserror
+from pagecache import drop_pages, resident_fraction
 
 pytestmark = [pytest.mark.fuse, needs_fuse, pytest.mark.timeout(180)]
 PROMPT = 5.0          # seconds within which a caller must get its error
@@ -124,6 +125,23 @@ def test_corrupted_chunk_reads_as_eio(tmp_path: Path) -> None:
             os.close(fd)
         assert _sha(d.path("good")) == good            # the rest of the drive still reads
         assert len(os.getxattr(d.path("bad"), "user.castore.id")) == 64
+
+
+def test_a_small_store_is_read_in_when_the_drive_mounts(tmp_path: Path) -> None:
+    """A daemon mounting a store small against memory asks for all of it at once, in the
+    background: the first walk of the drive does not wait on the disk page by page."""
+    with drive(tmp_path) as d:
+        for i in range(50):
+            d.path(f"f{i}").write_bytes(os.urandom(20_000))
+    store = tmp_path / "home" / "store" / "data.mdb"
+    drop_pages(store)
+    assert resident_fraction(store, 0, store.stat().st_size) < 0.5
+    with drive(tmp_path) as d:
+        deadline = time.monotonic() + 10.0
+        while resident_fraction(store, 0, store.stat().st_size) < 0.99:
+            assert time.monotonic() < deadline, "the store was not read in"
+            time.sleep(0.1)
+        assert len(d.path("f7").read_bytes()) == 20_000
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])

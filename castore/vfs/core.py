@@ -146,6 +146,13 @@ class VfsCore:
         self.repo.fetch([cid])
         return self._env.read(fn)
 
+    def mounted(self) -> None:
+        """The drive was just mounted: a store small against memory is asked for whole at
+        once (LmdbEnv.prewarm), in the background. borg's mount reads its archive's metadata
+        before the mount appears; this makes no one wait, and the first walk of the drive
+        finds its directories, nodes and small files in memory."""
+        self._env.prewarm()
+
     def _first_read(self) -> None:
         """An open file's first read. Many in a short time are a walk (tar c, cp -r, rsync,
         grep -r), which on a cold store would wait on the disk one page fault at a time: a
