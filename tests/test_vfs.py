@@ -597,9 +597,10 @@ def test_streamed_chunks_move_from_staging_into_the_base(vfs: Vfs, repo: Repo) -
         vfs.write(h.fh, i, data[i:i + step])
         time.sleep(0.005)                     # the stream stores chunks meanwhile
     assert of.base_limit > 0 and of.base.size == of.base_limit       # stored chunks, taken in
-    assert of.staging is not None and of.staging.fd is not None
-    held = os.fstat(of.staging.fd).st_blocks * 512
-    assert held <= len(data) - of.base_limit + (1 << 20)              # their bytes left staging
+    assert of.staging is not None and of.staging.spilled
+    held = len(of.staging._blocks) * staging.BLOCK                     # their bytes left staging
+    assert held <= len(data) - of.base_limit + 2 * staging.BLOCK
+    assert of.staging._top * staging.BLOCK < len(data)                # and made room for more
     assert vfs.read(h.fh, 0, len(data) + 1) == data                   # store + staging
     vfs.write(h.fh, 100, b"x" * 10)                                   # inside the taken part
     data[100:110] = b"x" * 10

@@ -261,7 +261,7 @@ class OpenFile:
             if self.stream is not None:
                 self.stream.advance(end)
             elif end - self.base_limit >= STREAM_FROM and self.staging is not None and \
-                    self.staging.fd is not None:
+                    self.staging.spilled:
                 self.stream = StreamWriter(self.base_limit, self._stream_read,
                                            self.svc.pipeline())
                 self._absorbed, self._absorbed_end = 0, self.base_limit
@@ -307,10 +307,9 @@ class OpenFile:
         file is closed only after the stream stops, and a truncation it races with gives a
         short read, which ends the stream (the commit then chunks from staging)."""
         staging = self.staging
-        fd = staging.fd if staging is not None else None
-        if fd is None:
+        if staging is None or not staging.spilled:
             return 0
-        return os.preadv(fd, [dest], offset)
+        return staging.read_into(dest, offset)
 
     def truncate(self, length: int) -> None:
         with self.settled():
@@ -369,8 +368,8 @@ class OpenFile:
     def _tail_chunks(self, start: int) -> Iterator[bytes | memoryview]:
         """The chunks of [start, size), cut as chunking the whole file from start would."""
         staging = self._staging()
-        if start >= self.base_limit and staging.fd is not None:
-            view = staging.map()             # straight from the staging file, no copies
+        view = staging.map() if start >= self.base_limit and staging.spilled else None
+        if view is not None:                 # straight from the staging file, no copies
             try:
                 for off, n in chunking.cut(view[start:self.size]):
                     yield view[start + off:start + off + n]
