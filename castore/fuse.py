@@ -302,6 +302,7 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
     @_translated
     def create(self, path: str, mode: int, fi: Any = None) -> int:
         opened = self._vfs.create(path, mode, fi.flags | os.O_CREAT)
+        fi.direct_io = 1 if opened.direct else 0
         fi.fh = opened.fh
         return 0
 
@@ -316,6 +317,7 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
                 if pushed is not None:
                     keep = pushed
         fi.keep_cache = 1 if keep else 0
+        fi.direct_io = 1 if opened.direct else 0
         fi.fh = opened.fh
         return 0
 

@@ -332,7 +332,7 @@ def test_written_pages_stay_cached_after_the_attributes_refresh(here: Path) -> N
     left, without a trip through the drive."""
     p = here / "written"
     block = os.urandom(128 << 10)
-    with open(p, "wb") as f:
+    with open(p, "w+b") as f:                   # open for reading too: through the cache
         for _ in range(64):                                  # 8 MiB in page-aligned writes
             f.write(block)
     time.sleep(0.2)
@@ -367,12 +367,28 @@ def test_a_file_written_here_gets_its_last_page_back_at_open(here: Path) -> None
     the next open hands that page over, so reading the file back sends no READ."""
     p = here / "tail"
     data = os.urandom(2 * mmap.PAGESIZE + 1000)
-    with open(p, "wb") as f:
+    with open(p, "w+b") as f:                   # open for reading too: through the cache
         f.write(data)
         f.flush()
         os.fsync(f.fileno())                     # committed before the next open
     assert resident_fraction(p, 0, len(data)) == 1.0
     assert p.read_bytes() == data
+
+
+def test_a_write_only_handle_writes_around_the_page_cache(here: Path) -> None:
+    """Bytes written through a handle open for writing only are not copied into the
+    kernel's page cache (that copy cost more than the write); they read back the same."""
+    p = here / "around"
+    data = os.urandom(4 << 20)
+    with open(p, "wb") as f:
+        f.write(data)
+        f.flush()
+        assert resident_fraction(p, 0, len(data)) == 0.0
+    assert p.read_bytes() == data
+    with open(p, "r+b") as f:                   # open for reading too: through the cache
+        f.write(data[:1 << 20])
+        f.flush()
+        assert resident_fraction(p, 0, 1 << 20) == 1.0
 
 
 def test_xattrs(mounted: Drive, here: Path) -> None:

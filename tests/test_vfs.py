@@ -348,14 +348,14 @@ def test_an_open_descriptor_keeps_its_version(vfs: Vfs, repo: Repo) -> None:
 
 
 def test_a_file_written_in_pieces_that_split_pages_is_read_anew(vfs: Vfs) -> None:
-    """The kernel keeps the pages that single writes filled whole. A file written in pieces
-    that split pages drops them at its next open (it comes back in large requests instead
-    of one per gap); one written in whole pages, whatever its last piece, keeps them. The
-    open after that keeps the pages either way."""
+    """The kernel keeps the pages that single writes through a handle open for reading too
+    filled whole. A file written in pieces that split pages drops them at its next open (it
+    comes back in large requests instead of one per gap); one written in whole pages,
+    whatever its last piece, keeps them. The open after that keeps the pages either way."""
     data = os.urandom(100_000)
     for path, piece, ragged in (("/tar", 10_240, True), ("/cp", 32 << 10, False),
                                 ("/one", len(data), False)):
-        h = vfs.create(path, 0o644, os.O_WRONLY)
+        h = vfs.create(path, 0o644, os.O_RDWR)
         for i in range(0, len(data), piece):
             vfs.write(h.fh, i, data[i:i + piece])
         vfs.flush(h.fh)
@@ -389,13 +389,22 @@ def test_what_an_open_may_hand_the_kernel(vfs: Vfs, repo: Repo) -> None:
     assert vfs.alone(h2.fh)
     vfs.release(h2.fh)
 
-    _write(vfs, "/here", data)
+    w = vfs.create("/here", 0o644, os.O_RDWR)            # written through the page cache
+    assert not w.direct
+    vfs.write(w.fh, 0, data)
+    vfs.release(w.fh)
+    vfs.settle()
     h = vfs.open("/here", os.O_RDONLY)
     assert (h.keep_cache, h.push_from) == (True, 3 * 4096)
+    vfs.release(h.fh)
+    _write(vfs, "/around", data)                        # write-only: around the cache
+    h = vfs.open("/around", os.O_RDONLY)
+    assert (h.keep_cache, h.push_from) == (False, 0)
     vfs.release(h.fh)
     h = vfs.open("/here", os.O_RDONLY)
     assert (h.keep_cache, h.push_from) == (True, None)
     w = vfs.open("/here", os.O_WRONLY)
+    assert w.direct
     vfs.write(w.fh, 0, b"unsaved")
     assert vfs.whole(h.fh, 0, len(data)) is None and not vfs.alone(h.fh)
     vfs.release(w.fh)

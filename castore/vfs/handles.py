@@ -65,11 +65,19 @@ class FileHandleOps(VfsCore):
         return self.open(path, flags)
 
     def _new_handle(self, of: OpenFile, flags: int) -> Opened:
+        """A handle on of. One opened for writing only writes around the kernel's page
+        cache: copying every byte written into fresh cache pages cost the writer more than
+        the whole write through the drive (a 1 GiB write: 250 MB/s through the cache, 500
+        around it), and a small file's next reader is handed it at open anyway. The kernel
+        then holds none of what it wrote (ragged: dropped at the next open)."""
         fh = next(self._fhs)
         acc = flags & os.O_ACCMODE
         self._handles[fh] = Handle(of, acc in (os.O_WRONLY, os.O_RDWR), bool(flags & os.O_APPEND))
         of.handles += 1
-        return Opened(fh, True)
+        direct = acc == os.O_WRONLY
+        if direct:
+            of.ragged = True
+        return Opened(fh, True, direct=direct)
 
     def open(self, path: str | bytes, flags: int = os.O_RDONLY) -> Opened:
         """Open a file at the newest version known here (sharing the open state of a file
@@ -161,7 +169,7 @@ class FileHandleOps(VfsCore):
                 elif tail == of.base_key:
                     push_from = of.size - of.size % PAGE
                 self._remember(of.node, of.base_key)
-            return Opened(opened.fh, keep, push_from), of
+            return Opened(opened.fh, keep, push_from, opened.direct), of
 
     def _mode_mtime(self, node: Node) -> tuple[int, int]:
         shown = self._overlay(node)

@@ -56,11 +56,13 @@ class Attr:
 class Opened:
     """An open file handle, and whether the kernel may keep pages it cached for this file
     (the version is the one it cached them from). push_from: the offset from which the
-    kernel lacks pages of this version, if it may be handed them now (Vfs.whole)."""
+    kernel lacks pages of this version, if it may be handed them now (Vfs.whole). direct:
+    the kernel should pass this handle's writes straight through, caching none of them."""
 
     fh: int
     keep_cache: bool
     push_from: int | None = None
+    direct: bool = False
 
 
 @dataclass(slots=True)
