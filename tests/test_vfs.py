@@ -624,6 +624,34 @@ def test_streamed_chunks_move_from_staging_into_the_base(vfs: Vfs, repo: Repo) -
         list(repo.manifest_of("/big").lengths)[1:-2]
 
 
+def test_what_the_stream_took_reads_without_waiting_for_the_commit(vfs: Vfs) -> None:
+    """A commit holds the file's lock while it finishes the stream; bytes already taken into
+    the base read meanwhile (a file read right after it was written), the rest waits."""
+    data = os.urandom(24 << 20)
+    h = vfs.create("/big", 0o644, os.O_RDWR)
+    of = vfs._handles[h.fh].of
+    step = 256 << 10
+    for i in range(0, len(data), step):
+        vfs.write(h.fh, i, data[i:i + step])
+        time.sleep(0.005)                     # the stream stores chunks meanwhile
+    assert of.base_limit > 1 << 20
+    got: list[bytes] = []
+    with of.locked():                         # as a commit finishing the stream holds it
+        early = threading.Thread(target=lambda: got.append(vfs.read(h.fh, 0, 1 << 20)))
+        late = threading.Thread(target=lambda: got.append(vfs.read(h.fh, len(data) - 10, 10)))
+        early.start()
+        late.start()
+        early.join(10)
+        assert got == [data[:1 << 20]]
+        late.join(0.5)
+        assert late.is_alive()                # past what the stream took: after the lock
+    late.join(10)
+    assert got == [data[:1 << 20], data[-10:]]
+    vfs.write(h.fh, 100, b"new")              # a write below the taken part is seen at once
+    assert vfs.read(h.fh, 0, 200) == data[:100] + b"new" + data[103:200]
+    vfs.release(h.fh)
+
+
 def test_access_runs_only_files_with_an_x_bit(vfs: Vfs) -> None:
     _write(vfs, "/plain", b"data")
     vfs.chmod("/plain", 0o644)

@@ -121,6 +121,9 @@ class OpenFile:
         # base: the content below base_limit (the version opened, or since a stream took
         # appended chunks into it, that version plus those chunks); key and ref name the
         # committed version it started from
+        # _final: (reader, limit) while the bytes below limit are the base's, unchanged
+        # by writes; read without the lock. Cleared before anything that changes them.
+        self._final: tuple[ChunkReader, int] | None = None
         self.base = base
         self.base_key = key
         self.base_ref = ref
@@ -180,6 +183,12 @@ class OpenFile:
         if not self.dirty:
             reader = self.reader             # a commit may swap it; either one is right
             return reader.read_into(offset, dest[:max(0, min(len(dest), self.size - offset))])
+        # Bytes the stream already took into the base are final: they are read without the
+        # lock, which a commit holds while it finishes the stream (a file read right after
+        # it was written would wait for its whole commit)
+        final = self._final
+        if final is not None and offset + len(dest) <= final[1]:
+            return final[0].read_into(offset, dest)
         with self.locked():
             return self._read_merged(offset, dest)
 
@@ -226,6 +235,7 @@ class OpenFile:
             end = offset + n
             staging = self._staging()
             if offset < self.base_limit:
+                self._final = None
                 self._fill_blocks(offset, min(end, self.base_limit))
             staging.pwrite(data, offset)
             if offset % PAGE or self._mid_page:
@@ -299,6 +309,7 @@ class OpenFile:
         self.base = base
         self.base_limit = self._absorbed_end = base.size
         self._absorbed += len(ids)
+        self._final = None if self.staged else (self.reader, self.base_limit)
         if self.staging is not None:
             self.staging.punch(start, base.size)
 
@@ -317,6 +328,7 @@ class OpenFile:
                 return
             staging = self._staging()
             if length < self.base_limit:
+                self._final = None
                 self.base_limit = length
                 self.staged = {b for b in self.staged if b * BLOCK < length}
             staging.truncate(length)
