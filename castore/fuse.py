@@ -7,7 +7,10 @@ unless FUSE_LIBRARY_NAME=fuse3 is set before it is imported; mfusepy 3.1.1 drops
 flags and truncate's file handle, so both are passed through here; attribute names of the
 Operations object that match FUSE operations become callbacks, so state lives under _names;
 per-open keep_cache (never the global kernel_cache) keeps the page cache of unchanged files,
-and with explicit invalidation a new mtime alone drops no pages;
+and with explicit invalidation a new mtime alone drops no pages; fuse_lowlevel_notify_store
+fills the page cache of a file the kernel holds (its node id comes from name_to_handle_at,
+which FUSE builds from it) and is safe inside OPEN; a write-only handle opened with direct_io
+writes around the page cache;
 fuse_invalidate_path and the entry notifications, called from a thread of our own and never
 from inside an operation, drop what the kernel caches of paths changed on other peers.
 """
@@ -312,8 +315,8 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         keep = opened.keep_cache
         if (fi.flags & os.O_ACCMODE) == os.O_RDONLY:
             fi.noflush = 1               # nothing to commit: the kernel can skip FLUSH
-            if opened.push_from is not None:
-                pushed = self._push(path, opened.fh, opened.push_from)
+            if opened.push:
+                pushed = self._push(path, opened.fh)
                 if pushed is not None:
                     keep = pushed
         fi.keep_cache = 1 if keep else 0
@@ -321,19 +324,18 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         fi.fh = opened.fh
         return 0
 
-    def _push(self, path: str, fh: int, start: int) -> bool | None:
-        """Hand a small file just opened for reading (from start, where the kernel's pages
-        of it end) to the kernel's page cache before the open returns. Its reader then
-        finds every page there: it sends no READ, and so no GETATTR either (the kernel
-        forgets the atime after each READ, and tar, cp and rsync stat the file after
-        reading it), two round trips of the four a walk pays per file. None when nothing
-        was pushed; else whether the kernel may keep the pages (they are still the file's
-        content)."""
+    def _push(self, path: str, fh: int) -> bool | None:
+        """Hand a small file just opened for reading, of which the kernel holds nothing, to
+        the kernel's page cache before the open returns. Its reader then finds every page
+        there: it sends no READ, and so no GETATTR either (the kernel forgets the atime
+        after each READ, and tar, cp and rsync stat the file after reading it), two round
+        trips of the four a walk pays per file. None when nothing was pushed; else whether
+        the kernel may keep the pages (they are still the file's content)."""
         notify = self.notify
         if notify is None or not self._mountpoint:
             return None
-        data = self._vfs.whole(fh, start, PUSH_LIMIT)
-        if data is None or not notify.store(self._mountpoint + os.fsencode(path), start, data):
+        data = self._vfs.whole(fh, PUSH_LIMIT)
+        if data is None or not notify.store(self._mountpoint + os.fsencode(path), 0, data):
             return None
         self.pushed += 1
         # a writer that opened the file meanwhile may have put its own pages there: the

@@ -362,19 +362,6 @@ def test_a_small_file_is_in_the_page_cache_once_opened(mounted: Drive, here: Pat
     assert (here / "large").read_bytes() == large
 
 
-def test_a_file_written_here_gets_its_last_page_back_at_open(here: Path) -> None:
-    """After a write the kernel keeps the whole pages it filled but not a partial last page;
-    the next open hands that page over, so reading the file back sends no READ."""
-    p = here / "tail"
-    data = os.urandom(2 * mmap.PAGESIZE + 1000)
-    with open(p, "w+b") as f:                   # open for reading too: through the cache
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())                     # committed before the next open
-    assert resident_fraction(p, 0, len(data)) == 1.0
-    assert p.read_bytes() == data
-
-
 def test_a_write_only_handle_writes_around_the_page_cache(here: Path) -> None:
     """Bytes written through a handle open for writing only are not copied into the
     kernel's page cache (that copy cost more than the write); they read back the same."""

@@ -371,20 +371,19 @@ def test_a_file_written_in_pieces_that_split_pages_is_read_anew(vfs: Vfs) -> Non
 
 
 def test_what_an_open_may_hand_the_kernel(vfs: Vfs, repo: Repo) -> None:
-    """push_from says where the kernel's pages of the opened version end: 0 when it holds
-    none of it, the last partial page of a file written here in whole pages, nothing once
-    it has them all. whole() gives those bytes only while the handle is the file's one
-    and the file has no unsaved writes."""
+    """push says the kernel holds none of the opened version (until it was handed or read
+    it). whole() gives the bytes only while the handle is the file's one
+    and the file has no unsaved writes. A write-only handle writes around the page cache:
+    the kernel holds none of what it wrote."""
     data = os.urandom(3 * 4096 + 100)
     list(repo.ingest([IngestItem("/api", Kind.FILE, data=data)]))
     h = vfs.open("/api", os.O_RDONLY)
-    assert (h.keep_cache, h.push_from) == (False, 0)
-    assert vfs.whole(h.fh, 0, len(data) - 1) is None          # over the limit
-    assert vfs.whole(h.fh, 0, len(data)) == data
-    assert vfs.whole(h.fh, 4096, len(data)) == data[4096:]
+    assert (h.keep_cache, h.push) == (False, True)
+    assert vfs.whole(h.fh, len(data) - 1) is None             # over the limit
+    assert vfs.whole(h.fh, len(data)) == data
     h2 = vfs.open("/api", os.O_RDONLY)
-    assert (h2.keep_cache, h2.push_from) == (True, None)
-    assert vfs.whole(h2.fh, 0, len(data)) is None and not vfs.alone(h2.fh)
+    assert (h2.keep_cache, h2.push) == (True, False)
+    assert vfs.whole(h2.fh, len(data)) is None and not vfs.alone(h2.fh)
     vfs.release(h.fh)
     assert vfs.alone(h2.fh)
     vfs.release(h2.fh)
@@ -395,18 +394,18 @@ def test_what_an_open_may_hand_the_kernel(vfs: Vfs, repo: Repo) -> None:
     vfs.release(w.fh)
     vfs.settle()
     h = vfs.open("/here", os.O_RDONLY)
-    assert (h.keep_cache, h.push_from) == (True, 3 * 4096)
+    assert (h.keep_cache, h.push) == (True, False)
     vfs.release(h.fh)
     _write(vfs, "/around", data)                        # write-only: around the cache
     h = vfs.open("/around", os.O_RDONLY)
-    assert (h.keep_cache, h.push_from) == (False, 0)
+    assert (h.keep_cache, h.push) == (False, True)
     vfs.release(h.fh)
     h = vfs.open("/here", os.O_RDONLY)
-    assert (h.keep_cache, h.push_from) == (True, None)
+    assert (h.keep_cache, h.push) == (True, False)
     w = vfs.open("/here", os.O_WRONLY)
     assert w.direct
     vfs.write(w.fh, 0, b"unsaved")
-    assert vfs.whole(h.fh, 0, len(data)) is None and not vfs.alone(h.fh)
+    assert vfs.whole(h.fh, len(data)) is None and not vfs.alone(h.fh)
     vfs.release(w.fh)
     vfs.release(h.fh)
 
@@ -419,7 +418,7 @@ def test_whole_leaves_a_bad_chunk_to_the_read(vfs: Vfs, repo: Repo) -> None:
     cid = next(iter(repo.store.env.read(lambda t: [bytes(k) for k, _ in t.scan("chunks")])))
     repo.store.env.write(lambda t: t.put("chunks", cid, b"\0" * 5000))
     h = vfs.open("/bad", os.O_RDONLY)
-    assert vfs.whole(h.fh, 0, 1 << 20) is None
+    assert vfs.whole(h.fh, 1 << 20) is None
     with pytest.raises(IntegrityError):
         vfs.read(h.fh, 0, 5000)
     vfs.release(h.fh)

@@ -73,8 +73,6 @@ class VfsCore:
         self._handles: dict[int, Handle] = {}
         self._fhs = itertools.count(1)
         self._kernel: OrderedDict[NodeId, bytes | None] = OrderedDict()
-        # files written here whose last page, a partial one, the kernel did not keep
-        self._tails: OrderedDict[NodeId, bytes] = OrderedDict()
         # dir -> (monotonic expiry, subdirectories): counted at most once per NLINK_TTL,
         # kept exact in between by this drive's own mkdir/rmdir/rename
         self._subdirs: dict[NodeId, tuple[float, int]] = {}

@@ -18,7 +18,7 @@ from castore.ops import Kind, Node
 from castore.store.lmdb import LmdbTxn
 from castore.vfs.committer import AttrChange, Closing
 from castore.vfs.core import VfsCore
-from castore.vfs.openfile import PAGE, OpenFile
+from castore.vfs.openfile import OpenFile
 from castore.vfs.readcache import DeadlineError
 from castore.vfs.types import (KERNEL_VERSIONS, Handle, NotPermittedError, Opened,
                                head_of)
@@ -160,16 +160,11 @@ class FileHandleOps(VfsCore):
                 if target.version is None:
                     self._open[node.id] = of
             opened = self._new_handle(of, flags)
-            keep, push_from = True, None
+            keep = True
             if of.node is not None and not of.dirty:
                 keep = self._kernel.get(of.node) == of.base_key
-                tail = self._tails.pop(of.node, None)
-                if not keep:
-                    push_from = 0
-                elif tail == of.base_key:
-                    push_from = of.size - of.size % PAGE
                 self._remember(of.node, of.base_key)
-            return Opened(opened.fh, keep, push_from, opened.direct), of
+            return Opened(opened.fh, keep, not keep, opened.direct), of
 
     def _mode_mtime(self, node: Node) -> tuple[int, int]:
         shown = self._overlay(node)
@@ -182,22 +177,21 @@ class FileHandleOps(VfsCore):
         while len(self._kernel) > KERNEL_VERSIONS:
             self._kernel.popitem(last=False)
 
-    def whole(self, fh: int, start: int, limit: int) -> bytes | None:
-        """The content from start to the end of a file just opened, for the kernel's page
-        cache (castore.fuse: a small file handed over at open spares its reader the READ,
-        and the GETATTR that follows every READ). None when that would not be safe or
-        cheap: the file has unsaved writes, other handles, more than limit bytes or none
-        past start, or a chunk cannot be read here now (the READ then says why)."""
+    def whole(self, fh: int, limit: int) -> bytes | None:
+        """The content of a file just opened, for the kernel's page cache (castore.fuse: a
+        small file handed over at open spares its reader the READ, and the GETATTR that
+        follows every READ). None when that would not be safe or cheap: the file has
+        unsaved writes, other handles, more than limit bytes or none, or a chunk cannot be
+        read here now (the READ then says why)."""
         of = self._handle(fh).of
-        if of.dirty or of.node is None or of.handles != 1 or not 0 <= start < of.size \
-                or of.size > limit:
+        if of.dirty or of.node is None or of.handles != 1 or not 0 < of.size <= limit:
             return None
         if not of.read_started:
             of.read_started = True
             self._first_read()
-        buf = bytearray(of.size - start)
+        buf = bytearray(of.size)
         try:
-            n = of.read_once(start, memoryview(buf))
+            n = of.read_once(0, memoryview(buf))
         except CastoreError:
             return None
         return bytes(buf) if n == len(buf) else None
@@ -342,10 +336,6 @@ class FileHandleOps(VfsCore):
         # pieces that split pages would read back through one request per gap, so it is read
         # anew, in large requests, at its next open.
         self._remember(nid, None if of.ragged else key)
-        if not of.ragged and of.size % PAGE:
-            self._tails[nid] = key
-            while len(self._tails) > KERNEL_VERSIONS:
-                self._tails.popitem(last=False)
 
     def _landed(self, closing: Closing) -> None:
         """The committer's callback: a close reached the store (or could not). The open

@@ -55,13 +55,13 @@ class Attr:
 @dataclass(frozen=True, slots=True)
 class Opened:
     """An open file handle, and whether the kernel may keep pages it cached for this file
-    (the version is the one it cached them from). push_from: the offset from which the
-    kernel lacks pages of this version, if it may be handed them now (Vfs.whole). direct:
+    (the version is the one it cached them from). push: the kernel holds none of this
+    version, and may be handed it whole now (Vfs.whole). direct:
     the kernel should pass this handle's writes straight through, caching none of them."""
 
     fh: int
     keep_cache: bool
-    push_from: int | None = None
+    push: bool = False
     direct: bool = False
 
 
