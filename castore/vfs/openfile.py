@@ -6,10 +6,11 @@ through a ChunkReader), overlaid with what was written since, kept in a sparse s
 Below `base_limit` the staging file holds only the 64 KiB blocks that were written (a partly
 written block is first filled from the base); from base_limit on, staging holds everything.
 Appends are chunked while they arrive (StreamWriter), and each batch of chunks it has stored
-durably becomes part of the base: base_limit moves past it and its bytes are punched out of
-the staging file. A large sequential write thus keeps only its last few tens of MiB in
-staging, and the page cache pages it frees are reused at once by the next writes, which here
-is several times faster than filling new ones. build() turns the content into a manifest for
+durably becomes part of the base: base_limit moves past it and its bytes are freed in the
+staging file, whose blocks take the next bytes written. A large sequential write thus keeps
+only its last few tens of MiB in staging, in the same cached pages throughout, which here is
+several times faster than filling new ones; its bytes in the base read without the lock
+(_final). build() turns the content into a manifest for
 the commit, reusing every base chunk before the first change, so a small edit of a big file
 stores only the chunks it touched.
 
