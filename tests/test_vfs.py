@@ -596,27 +596,33 @@ def test_directory_link_counts(vfs: Vfs) -> None:
     assert vfs.getattr("/p").nlink == 2
 
 
-def test_streamed_chunks_move_from_staging_into_the_base(vfs: Vfs, repo: Repo) -> None:
-    data = bytearray(os.urandom(24 << 20))
+def _stream_big(vfs: Vfs, data: bytes | bytearray) -> tuple[int, Any]:
+    """Write data to /big from start to end, slowly enough for the stream to store chunks
+    meanwhile; returns the open handle and its OpenFile."""
     h = vfs.create("/big", 0o644, os.O_RDWR)
-    of = vfs._handles[h.fh].of
     step = 256 << 10
     for i in range(0, len(data), step):
         vfs.write(h.fh, i, data[i:i + step])
-        time.sleep(0.005)                     # the stream stores chunks meanwhile
+        time.sleep(0.005)
+    return h.fh, vfs._handles[h.fh].of
+
+
+def test_streamed_chunks_move_from_staging_into_the_base(vfs: Vfs, repo: Repo) -> None:
+    data = bytearray(os.urandom(24 << 20))
+    fh, of = _stream_big(vfs, data)
     assert of.base_limit > 0 and of.base.size == of.base_limit       # stored chunks, taken in
     assert of.staging is not None and of.staging.spilled
     held = len(of.staging._blocks) * staging.BLOCK                     # their bytes left staging
     assert held <= len(data) - of.base_limit + 2 * staging.BLOCK
     assert of.staging._top * staging.BLOCK < len(data)                # and made room for more
-    assert vfs.read(h.fh, 0, len(data) + 1) == data                   # store + staging
-    vfs.write(h.fh, 100, b"x" * 10)                                   # inside the taken part
+    assert vfs.read(fh, 0, len(data) + 1) == data                   # store + staging
+    vfs.write(fh, 100, b"x" * 10)                                   # inside the taken part
     data[100:110] = b"x" * 10
-    vfs.write(h.fh, len(data), b"tail")
+    vfs.write(fh, len(data), b"tail")
     data += b"tail"
-    assert vfs.read(h.fh, 0, len(data) + 1) == data
-    vfs.flush(h.fh)
-    vfs.release(h.fh)
+    assert vfs.read(fh, 0, len(data) + 1) == data
+    vfs.flush(fh)
+    vfs.release(fh)
     vfs.settle()
     assert _read_all(vfs, "/big") == data
     assert [len(c) for c in chunking.split(bytes(data))][1:-2] == \
@@ -627,17 +633,12 @@ def test_what_the_stream_took_reads_without_waiting_for_the_commit(vfs: Vfs) -> 
     """A commit holds the file's lock while it finishes the stream; bytes already taken into
     the base read meanwhile (a file read right after it was written), the rest waits."""
     data = os.urandom(24 << 20)
-    h = vfs.create("/big", 0o644, os.O_RDWR)
-    of = vfs._handles[h.fh].of
-    step = 256 << 10
-    for i in range(0, len(data), step):
-        vfs.write(h.fh, i, data[i:i + step])
-        time.sleep(0.005)                     # the stream stores chunks meanwhile
+    fh, of = _stream_big(vfs, data)
     assert of.base_limit > 1 << 20
     got: list[bytes] = []
     with of.locked():                         # as a commit finishing the stream holds it
-        early = threading.Thread(target=lambda: got.append(vfs.read(h.fh, 0, 1 << 20)))
-        late = threading.Thread(target=lambda: got.append(vfs.read(h.fh, len(data) - 10, 10)))
+        early = threading.Thread(target=lambda: got.append(vfs.read(fh, 0, 1 << 20)))
+        late = threading.Thread(target=lambda: got.append(vfs.read(fh, len(data) - 10, 10)))
         early.start()
         late.start()
         early.join(10)
@@ -646,9 +647,9 @@ def test_what_the_stream_took_reads_without_waiting_for_the_commit(vfs: Vfs) -> 
         assert late.is_alive()                # past what the stream took: after the lock
     late.join(10)
     assert got == [data[:1 << 20], data[-10:]]
-    vfs.write(h.fh, 100, b"new")              # a write below the taken part is seen at once
-    assert vfs.read(h.fh, 0, 200) == data[:100] + b"new" + data[103:200]
-    vfs.release(h.fh)
+    vfs.write(fh, 100, b"new")              # a write below the taken part is seen at once
+    assert vfs.read(fh, 0, 200) == data[:100] + b"new" + data[103:200]
+    vfs.release(fh)
 
 
 def test_access_runs_only_files_with_an_x_bit(vfs: Vfs) -> None:

@@ -18,6 +18,7 @@ import ctypes
 import mmap
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 SPILL = 1 << 20          # bytes kept in memory before moving to a temporary file
@@ -96,10 +97,7 @@ class Staging:
 
     def _write_file(self, view: memoryview, offset: int) -> None:
         assert self._fd is not None
-        done = 0
-        while done < len(view):
-            block, inner = divmod(offset + done, BLOCK)
-            n = min(len(view) - done, BLOCK - inner)
+        for done, block, inner, n in _pieces(offset, len(view)):
             at = self._place(block)
             self._punched.pop(block, None)
             valid = self._valid[at]
@@ -107,7 +105,6 @@ class Staging:
                 _pwrite_all(self._fd, memoryview(bytes(inner - valid)), at * BLOCK + valid)
             _pwrite_all(self._fd, view[done:done + n], at * BLOCK + inner)
             self._valid[at] = max(valid, inner + n)
-            done += n
 
     def pread_into(self, dest: memoryview, offset: int) -> None:
         """Fill dest with the bytes at offset; anything past what was written is zero."""
@@ -131,10 +128,7 @@ class Staging:
 
     def _read_file(self, dest: memoryview, offset: int) -> None:
         assert self._fd is not None
-        got = 0
-        while got < len(dest):
-            block, inner = divmod(offset + got, BLOCK)
-            n = min(len(dest) - got, BLOCK - inner)
+        for got, block, inner, n in _pieces(offset, len(dest)):
             piece = dest[got:got + n]
             at = self._blocks.get(block)
             have = 0 if at is None else max(0, min(n, self._valid.get(at, 0) - inner))
@@ -146,7 +140,6 @@ class Staging:
                 k += r
             if k < n:
                 piece[k:] = bytes(n - k)
-            got += n
 
     def pread(self, offset: int, n: int) -> bytes:
         buf = bytearray(n)
@@ -236,6 +229,16 @@ class Staging:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _pieces(offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+    """[offset, offset + length) cut at block ends: (done so far, block, offset in it, n)."""
+    done = 0
+    while done < length:
+        block, inner = divmod(offset + done, BLOCK)
+        n = min(length - done, BLOCK - inner)
+        yield done, block, inner, n
+        done += n
 
 
 def _merge(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
