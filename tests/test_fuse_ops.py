@@ -372,10 +372,17 @@ def test_a_write_only_handle_writes_around_the_page_cache(here: Path) -> None:
         f.flush()
         assert resident_fraction(p, 0, len(data)) == 0.0
     assert p.read_bytes() == data
+    assert p.read_bytes() == data and resident_fraction(p, 0, len(data)) == 1.0
     with open(p, "r+b") as f:                   # open for reading too: through the cache
         f.write(data[:1 << 20])
         f.flush()
         assert resident_fraction(p, 0, 1 << 20) == 1.0
+    fd = os.open(p, os.O_WRONLY)                # over cached pages: they are dropped
+    try:
+        os.pwrite(fd, b"new", 5000)
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == data[:5000] + b"new" + data[5003:]
 
 
 def test_xattrs(mounted: Drive, here: Path) -> None:

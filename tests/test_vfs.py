@@ -374,7 +374,7 @@ def test_what_an_open_may_hand_the_kernel(vfs: Vfs, repo: Repo) -> None:
     """push says the kernel holds none of the opened version (until it was handed or read
     it). whole() gives the bytes only while the handle is the file's one
     and the file has no unsaved writes. A write-only handle writes around the page cache:
-    the kernel holds none of what it wrote."""
+    the kernel holds none of what it wrote but what readers read since, which it may keep."""
     data = os.urandom(3 * 4096 + 100)
     list(repo.ingest([IngestItem("/api", Kind.FILE, data=data)]))
     h = vfs.open("/api", os.O_RDONLY)
@@ -398,7 +398,10 @@ def test_what_an_open_may_hand_the_kernel(vfs: Vfs, repo: Repo) -> None:
     vfs.release(h.fh)
     _write(vfs, "/around", data)                        # write-only: around the cache
     h = vfs.open("/around", os.O_RDONLY)
-    assert (h.keep_cache, h.push) == (False, True)
+    assert (h.keep_cache, h.push) == (True, True)       # keeps what readers read, if any
+    vfs.release(h.fh)
+    h = vfs.open("/around", os.O_RDONLY)
+    assert (h.keep_cache, h.push) == (True, False)
     vfs.release(h.fh)
     h = vfs.open("/here", os.O_RDONLY)
     assert (h.keep_cache, h.push) == (True, False)

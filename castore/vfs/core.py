@@ -73,6 +73,8 @@ class VfsCore:
         self._handles: dict[int, Handle] = {}
         self._fhs = itertools.count(1)
         self._kernel: OrderedDict[NodeId, bytes | None] = OrderedDict()
+        # versions written here around the page cache: the kernel may hold none of them
+        self._unfilled: OrderedDict[NodeId, bytes] = OrderedDict()
         # dir -> (monotonic expiry, subdirectories): counted at most once per NLINK_TTL,
         # kept exact in between by this drive's own mkdir/rmdir/rename
         self._subdirs: dict[NodeId, tuple[float, int]] = {}

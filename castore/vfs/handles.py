@@ -69,14 +69,15 @@ class FileHandleOps(VfsCore):
         cache: copying every byte written into fresh cache pages cost the writer more than
         the whole write through the drive (a 1 GiB write: 250 MB/s through the cache, 500
         around it), and a small file's next reader is handed it at open anyway. The kernel
-        then holds none of what it wrote (ragged: dropped at the next open)."""
+        then holds none of what it wrote: its next open hands a small file over whole
+        (around, _unfilled)."""
         fh = next(self._fhs)
         acc = flags & os.O_ACCMODE
         self._handles[fh] = Handle(of, acc in (os.O_WRONLY, os.O_RDWR), bool(flags & os.O_APPEND))
         of.handles += 1
         direct = acc == os.O_WRONLY
         if direct:
-            of.ragged = True
+            of.around = True
         return Opened(fh, True, direct=direct)
 
     def open(self, path: str | bytes, flags: int = os.O_RDONLY) -> Opened:
@@ -160,11 +161,12 @@ class FileHandleOps(VfsCore):
                 if target.version is None:
                     self._open[node.id] = of
             opened = self._new_handle(of, flags)
-            keep = True
+            keep, push = True, False
             if of.node is not None and not of.dirty:
                 keep = self._kernel.get(of.node) == of.base_key
+                push = not keep or self._unfilled.pop(of.node, None) == of.base_key
                 self._remember(of.node, of.base_key)
-            return Opened(opened.fh, keep, not keep, opened.direct), of
+            return Opened(opened.fh, keep, push, opened.direct), of
 
     def _mode_mtime(self, node: Node) -> tuple[int, int]:
         shown = self._overlay(node)
@@ -335,7 +337,16 @@ class FileHandleOps(VfsCore):
         # The kernel keeps the pages that single writes filled whole: a file written in
         # pieces that split pages would read back through one request per gap, so it is read
         # anew, in large requests, at its next open.
-        self._remember(nid, None if of.ragged else key)
+        if of.around:
+            # the kernel holds only what a reader read of this version, in whole readahead
+            # windows: it may keep that, and is handed a small file whole at the next open
+            of.around = False
+            self._remember(nid, key)
+            self._unfilled[nid] = key
+            while len(self._unfilled) > KERNEL_VERSIONS:
+                self._unfilled.popitem(last=False)
+        else:
+            self._remember(nid, None if of.ragged else key)
 
     def _landed(self, closing: Closing) -> None:
         """The committer's callback: a close reached the store (or could not). The open

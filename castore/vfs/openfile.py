@@ -114,6 +114,7 @@ class OpenFile:
         # writes filled whole, so a write that starts inside a page, or follows one that
         # ended inside a page, leaves one it will read back (see Vfs: keep_cache).
         self.ragged = False
+        self.around = False                 # written through a handle around the page cache
         self._mid_page = False
         self.read_started = False           # counted as a first read (VfsCore._first_read)
 
