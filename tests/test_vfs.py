@@ -22,7 +22,7 @@ from castore.ops import Kind
 from castore.repo import IngestItem, Repo
 from castore.vfs import (AccessDeniedError, NoAttributeError, NotPermittedError, Vfs,
                          drive_commits)
-from castore.vfs import committer, openfile, staging
+from castore.vfs import committer, core, openfile, staging
 
 HIDDEN = "/.fuse_hidden0000000100000002"
 
@@ -500,6 +500,13 @@ def test_a_listing_is_kept_until_something_changes(vfs: Vfs, repo: Repo,
     assert sizes() == {b"f": 8, b"g": 0}
     vfs.unlink("/d/g")
     assert sizes() == {b"f": 8}
+    monkeypatch.setattr(core, "LISTED", 5)             # what they hold together is bounded
+    for i in range(4):
+        vfs.mkdir(f"/d/sub{i}", 0o755)
+        vfs.readdir_attrs(f"/d/sub{i}")
+        vfs.readdir_attrs("/d")
+        assert vfs._listed <= 5 and vfs._listed == sum(len(v[2]) for v in
+                                                      vfs._listings.values())
 
 
 def test_concurrent_writers_leave_a_conflict_copy(vfs: Vfs, repo: Repo) -> None:

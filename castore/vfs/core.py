@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 REGISTRY_TIMEOUT = 10.0
 NLINK_TTL = 1.0                 # seconds a directory's subdirectory count is cached
 STAT_CACHE = 100_000            # stat results cached at most
-LISTINGS = 4096                 # directory listings cached at most
+LISTED = 200_000                # entries of directory listings cached at most, together
 LISTING_MAX = 10_000            # entries of a listing worth caching at most
 WALK_FILES = 16                 # files first read within WALK_SECONDS: a walk of the tree
 WALK_SECONDS = 1.0
@@ -82,7 +82,9 @@ class VfsCore:
         # committed (LMDB's txn id) and no open file changed here (_gen)
         self._stat_cache: dict[str | bytes, tuple[int, int, Attr]] = {}
         self._resolved: dict[str | bytes, tuple[int, Node, bytes | None]] = {}
-        # listings with attributes, valid under the same rule as _stat_cache
+        # listings with attributes, valid under the same rule as _stat_cache; _listed: the
+        # entries they hold together
+        self._listed = 0
         self._listings: dict[str | bytes, tuple[int, int, list[tuple[bytes, Kind,
                                                                  Attr | None]]]] = {}
         self._gen = 0
@@ -464,9 +466,13 @@ class VfsCore:
             return out
         listing = self._stable(run)
         if attrs and len(listing) <= LISTING_MAX:
-            if len(self._listings) >= LISTINGS:
+            old = self._listings.pop(path, None)
+            self._listed -= len(old[2]) if old is not None else 0
+            if self._listed + len(listing) > LISTED:
                 self._listings.clear()
+                self._listed = 0
             self._listings[path] = (snap, gen, listing)
+            self._listed += len(listing)
         return listing
 
     def _set_attrs(self, path: str | bytes, attrs: Attrs,
