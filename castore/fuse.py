@@ -566,16 +566,17 @@ class _Notify:
                 return False
             return int(self._path(ptr, path)) == 0
 
-    def store(self, path: bytes, offset: int, data: bytes) -> bool:
+    def store(self, path: bytes, offset: int, data: bytearray) -> bool:
         """Put data into the kernel's page cache of the file at path (a path the kernel
         holds, on this mount) at offset. Safe inside an operation on that file other than
         READ (which holds the page locks this waits for)."""
         nid = node_id(path)
         if nid is None:
             return False
+        mem = (ctypes.c_char * len(data)).from_buffer(data)      # no copy
         vec = _FuseBufvec(1, 0, 0)
         vec.buf[0].size = len(data)
-        vec.buf[0].mem = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p)
+        vec.buf[0].mem = ctypes.addressof(mem)
         vec.buf[0].fd = -1
         with self._mutex:
             ptr = self._ops._fuse_ptr

@@ -179,7 +179,7 @@ class FileHandleOps(VfsCore):
         while len(self._kernel) > KERNEL_VERSIONS:
             self._kernel.popitem(last=False)
 
-    def whole(self, fh: int, limit: int) -> bytes | None:
+    def whole(self, fh: int, limit: int) -> bytearray | None:
         """The content of a file just opened, for the kernel's page cache (castore.fuse: a
         small file handed over at open spares its reader the READ, and the GETATTR that
         follows every READ). None when that would not be safe or cheap: the file has
@@ -196,7 +196,7 @@ class FileHandleOps(VfsCore):
             n = of.read_once(0, memoryview(buf))
         except CastoreError:
             return None
-        return bytes(buf) if n == len(buf) else None
+        return buf if n == len(buf) else None
 
     def alone(self, fh: int) -> bool:
         """Nothing else opened this handle's file, and it has no unsaved writes (the pages
