@@ -209,3 +209,32 @@ def test_impossible_parameters_are_a_usage_error(tmp_path: Path) -> None:
     proc = bench("bench", "--redundancy", "1", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--redundancy" in proc.stderr
+
+
+def test_the_scratch_space_goes_even_when_a_late_process_writes_into_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process stopped by an interrupt may still close a file in the scratch space while it
+    is removed: the removal goes on until it is gone, or says what is left."""
+    import io
+    import shutil
+    from castore.benchsuite import suite
+    from castore.benchsuite.progress import Steps
+    work = tmp_path / "work"
+    real = shutil.rmtree
+    calls: list[int] = []
+
+    def late_writer(path: Path, ignore_errors: bool = False) -> None:
+        real(path, ignore_errors=ignore_errors)
+        calls.append(1)
+        if len(calls) == 1:                    # a file closed just after the first pass
+            (work / "peer").mkdir(parents=True)
+            (work / "peer" / "daemon.json").write_text("{}")
+    monkeypatch.setattr(suite.shutil, "rmtree", late_writer)
+    (work / "peer").mkdir(parents=True)
+    err = io.StringIO()
+    suite._remove(work, Steps(1, err, live=False), timeout=5.0)
+    assert not work.exists() and len(calls) == 2 and err.getvalue() == ""
+    monkeypatch.setattr(suite.shutil, "rmtree", lambda path, ignore_errors=False: None)
+    (work / "peer").mkdir(parents=True)
+    suite._remove(work, Steps(1, err, live=False), timeout=0.3)
+    assert "could not remove" in err.getvalue() and "peer" in err.getvalue()

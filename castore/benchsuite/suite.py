@@ -276,7 +276,22 @@ def run_suite(params: Params, out: Path, progress: Steps, keep_work: bool = Fals
         elif not keep_work:
             with signals_ignored():
                 _keep_logs(work, out / "logs")
-                shutil.rmtree(work, ignore_errors=True)
+                _remove(work, progress)
+
+
+def _remove(work: Path, progress: Steps, timeout: float = 10.0) -> None:
+    """Remove the scratch space, again while something still ends in it (a process stopped
+    by the interrupt may still be closing its files); say what is left after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shutil.rmtree(work, ignore_errors=True)
+        if not work.exists():
+            return
+        if time.monotonic() > deadline:
+            left = sorted(str(p.relative_to(work)) for p in work.rglob("*"))[:5]
+            progress.note(f"castore bench: could not remove {work}: {', '.join(left)}")
+            return
+        time.sleep(0.2)
 
 
 def _keep_logs(work: Path, logs: Path) -> None:
