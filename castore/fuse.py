@@ -334,13 +334,23 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         notify = self.notify
         if notify is None or not self._mountpoint:
             return None
-        data = self._vfs.whole(fh, PUSH_LIMIT)
+        # Only a shortcut: it never fails the open (the handle exists already, and a failed
+        # OPEN gets no RELEASE). Whatever goes wrong is left to the READs that follow.
+        try:
+            data = self._vfs.whole(fh, PUSH_LIMIT)
+        except Exception as exc:
+            log.debug("not handing %s to the kernel at open: %r", path, exc)
+            return None
         if data is None or not notify.store(self._mountpoint + os.fsencode(path), 0, data):
             return None
         self.pushed += 1
         # a writer that opened the file meanwhile may have put its own pages there: the
         # kernel drops them all at this open then (keep_cache 0), and reads them back
-        return self._vfs.alone(fh)
+        try:
+            return self._vfs.alone(fh)
+        except Exception as exc:
+            log.debug("dropping the pages handed over for %s: %r", path, exc)
+            return False
 
     @_translated
     def read(self, path: str | None, size: int, offset: int, fh: Any) -> bytes:

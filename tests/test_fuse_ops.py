@@ -13,10 +13,13 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from castore.fuse import PUSH_LIMIT
+from castore.fuse import PUSH_LIMIT, CastoreOps
+from castore.vfs import DeadlineError
+from castore.vfs.types import Opened
 from pagecache import resident_fraction
 from fuse_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Drive, castore,
                           errname, needs_fuse, oserror, renameat2)
@@ -360,6 +363,38 @@ def test_a_small_file_is_in_the_page_cache_once_opened(mounted: Drive, here: Pat
     assert resident_fraction(here / "large", 0, len(large)) == 0.0
     assert (here / "small").read_bytes() == small
     assert (here / "large").read_bytes() == large
+
+
+def test_handing_a_file_over_never_fails_its_open() -> None:
+    """One layer, over a stand-in vfs: the hand-over at open is a shortcut. An error while
+    reading the file leaves it to the READs (the open succeeds: a failed OPEN gets no
+    RELEASE, and its handle would leak); one after the pages went in makes the kernel drop
+    them (keep_cache 0)."""
+    class Vfs:
+        def __init__(self, fail_in: str) -> None:
+            self.fail_in = fail_in
+
+        def open(self, path: str, flags: int) -> Opened:
+            return Opened(7, True, push=True)
+
+        def whole(self, fh: int, limit: int) -> bytearray:
+            if self.fail_in == "whole":
+                raise DeadlineError("the file stayed busy")
+            return bytearray(b"content")
+
+        def alone(self, fh: int) -> bool:
+            raise DeadlineError("the open-file table stayed busy")
+
+    class Notify:
+        def store(self, path: bytes, offset: int, data: bytearray) -> bool:
+            return True
+
+    for fail_in, keep in (("whole", 1), ("alone", 0)):
+        ops = CastoreOps(Vfs(fail_in), "/mnt")  # type: ignore[arg-type]
+        ops.notify = Notify()                   # type: ignore[assignment]
+        fi = SimpleNamespace(flags=os.O_RDONLY, keep_cache=None, noflush=0, direct_io=0, fh=0)
+        assert ops.open("/f", fi) == 0
+        assert (fi.fh, fi.keep_cache) == (7, keep), fail_in
 
 
 def test_a_write_only_handle_writes_around_the_page_cache(here: Path) -> None:

@@ -5,6 +5,7 @@ mincore(2). A small store is read whole when a walk starts (prewarm), and readah
 arrive whole."""
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import time
@@ -125,6 +126,21 @@ def test_prewarm_leaves_a_store_large_against_memory_alone(
         assert not env.prewarm()
         time.sleep(0.3)
         assert resident_fraction(data, 0, size) < 0.2
+        assert env.prewarms == 0
+    finally:
+        env.close()
+
+
+def test_prewarm_is_advice_and_never_an_error(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors (EMFILE), the whole-store read is skipped: neither a walk's read
+    nor a mount fails for it."""
+    env = LmdbEnv(tmp_path / "db")
+    try:
+        def no_fd(fd: int) -> int:
+            raise OSError(errno.EMFILE, "Too many open files")
+        monkeypatch.setattr(lmdb_mod.os, "dup", no_fd)
+        assert not env.prewarm()
         assert env.prewarms == 0
     finally:
         env.close()

@@ -194,12 +194,16 @@ class LmdbEnv:
             if self._data_fd < 0 or now - self._prewarmed_at < PREWARM_EVERY:
                 return False
             self._prewarmed_at = now
-            size = os.fstat(self._data_fd).st_size
             memory = memory_bytes()
-            if not memory or size * PREWARM_SHARE > memory:
+            try:                  # advice only: never an error for the caller
+                size = os.fstat(self._data_fd).st_size
+                if not memory or size * PREWARM_SHARE > memory:
+                    return False
+                fd = os.dup(self._data_fd)
+            except OSError as exc:
+                log.debug("prewarm: %s", exc)
                 return False
             self.prewarms += 1
-            fd = os.dup(self._data_fd)
         threading.Thread(target=_willneed, args=(fd, size), name="castore-prewarm",
                          daemon=True).start()
         return True
