@@ -162,15 +162,17 @@ class ChunkReader:
         each chunk verified and copied in one step, nothing kept, nothing read ahead."""
         m = self.manifest
         want = min(len(dest), m.size - offset)
+        if want <= 0:
+            return 0
         done = 0
-        i = m.locate(offset) if want > 0 else len(m.chunks)
+        i = m.locate(offset)
         while done < want:
             start = offset + done - m.offsets[i]
             n = min(want - done, m.lengths[i] - start)
             self._source.fill(m.chunks[i], start, dest[done:done + n])
             done += n
             i += 1
-        return max(done, 0)
+        return done
 
     def read_into(self, offset: int, dest: memoryview) -> int:
         """Copy the bytes at offset into dest; returns how many (short only at the end)."""
