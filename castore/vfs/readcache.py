@@ -161,18 +161,13 @@ class ChunkReader:
         """read_into for bytes read only once (a small file handed whole to the kernel):
         each chunk verified and copied in one step, nothing kept, nothing read ahead."""
         m = self.manifest
-        want = min(len(dest), m.size - offset)
-        if want <= 0:
+        end = min(offset + len(dest), m.size)
+        if end <= offset:
             return 0
-        done = 0
-        i = m.locate(offset)
-        while done < want:
-            start = offset + done - m.offsets[i]
-            n = min(want - done, m.lengths[i] - start)
-            self._source.fill(m.chunks[i], start, dest[done:done + n])
-            done += n
-            i += 1
-        return done
+        for i in range(m.locate(offset), m.locate(end - 1) + 1):
+            lo, hi = max(offset, m.offsets[i]), min(end, m.offsets[i] + m.lengths[i])
+            self._source.fill(m.chunks[i], lo - m.offsets[i], dest[lo - offset:hi - offset])
+        return end - offset
 
     def read_into(self, offset: int, dest: memoryview) -> int:
         """Copy the bytes at offset into dest; returns how many (short only at the end)."""
