@@ -392,9 +392,17 @@ _gil_ensure = ctypes.pythonapi.PyGILState_Ensure
 _gil_ensure.restype = ctypes.c_int
 
 
+# ctypes makes a new type for each array length it is asked for (about 9 us each): views of
+# libfuse's buffers, whose lengths vary with every small file, are cut from one type instead
+_WINDOW_BYTES = 1 << 24                 # more than any FUSE request or reply carries
+_Window = ctypes.c_char * _WINDOW_BYTES
+
+
 def _buffer(ptr: Any, size: int) -> memoryview:
     """A writable view of size bytes of libfuse's buffer (no copy)."""
     addr = ctypes.cast(ptr, ctypes.c_void_p).value or 0
+    if size <= _WINDOW_BYTES:
+        return memoryview(_Window.from_address(addr)).cast("B")[:size]
     return memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
 
 
@@ -583,10 +591,10 @@ class _Notify:
         nid = node_id(path)
         if nid is None:
             return False
-        mem = (ctypes.c_char * len(data)).from_buffer(data)      # no copy
+        first = ctypes.c_char.from_buffer(data)  # its address; holds data still meanwhile
         vec = _FuseBufvec(1, 0, 0)
         vec.buf[0].size = len(data)
-        vec.buf[0].mem = ctypes.addressof(mem)
+        vec.buf[0].mem = ctypes.addressof(first)
         vec.buf[0].fd = -1
         with self._mutex:
             ptr = self._ops._fuse_ptr

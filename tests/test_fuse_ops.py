@@ -397,6 +397,21 @@ def test_handing_a_file_over_never_fails_its_open() -> None:
         assert (fi.fh, fi.keep_cache) == (7, keep), fail_in
 
 
+def test_views_of_libfuse_buffers_cover_exactly_their_bytes() -> None:
+    """One layer: read and write callbacks see libfuse's buffer through a view of exactly
+    the size asked, whatever the size (small files each have their own), that writes
+    through to the buffer."""
+    import ctypes
+    from castore.fuse import _buffer
+    for size in (1, 4095, 4096, 131_072, 1 << 20, (1 << 24) + 1):
+        raw = ctypes.create_string_buffer(size + 8)
+        view = _buffer(ctypes.cast(raw, ctypes.POINTER(ctypes.c_char)), size)
+        assert len(view) == size and not view.readonly
+        data = os.urandom(size)
+        view[:] = data
+        assert raw.raw[:size] == data and raw.raw[size:] == bytes(8)
+
+
 def test_a_write_only_handle_writes_around_the_page_cache(here: Path) -> None:
     """Bytes written through a handle open for writing only are not copied into the
     kernel's page cache (that copy cost more than the write); they read back the same."""
