@@ -304,7 +304,7 @@ class VfsCore:
             if target.node is None and target.of is None:
                 return None         # read again if a close landed meanwhile (_stable)
             attr = self._attr(t, target)
-            if target.of is None and target.node is not None and attr.kind != Kind.DIR:
+            if target.of is None and target.node is not None:
                 if len(self._stat_cache) > STAT_CACHE:
                     self._stat_cache.clear()
                 self._stat_cache[path] = (txn_id, gen, attr)
@@ -318,10 +318,9 @@ class VfsCore:
         if len(self._resolved) > STAT_CACHE:
             self._resolved.clear()
         self._resolved[path] = (txn_id, node, version)
-        if attr.kind != Kind.DIR:
-            if len(self._stat_cache) > STAT_CACHE:
-                self._stat_cache.clear()
-            self._stat_cache[path] = (txn_id, gen, attr)
+        if len(self._stat_cache) > STAT_CACHE:
+            self._stat_cache.clear()
+        self._stat_cache[path] = (txn_id, gen, attr)
 
     def access(self, path: str | bytes, execute: bool) -> None:
         """access(2) where the kernel leaves permissions to the drive (a mount only root can
