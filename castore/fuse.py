@@ -469,6 +469,14 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
         _fill_stat(buf.contents, a)
         return 0
 
+    def readlink(self, path: bytes, buf: Any, bufsize: int) -> int:
+        """The target, NUL-terminated and cut to bufsize, copied into libfuse's buffer as it
+        is (mfusepy makes a ctypes array type for each length first)."""
+        target = self.operations.readlink(path.decode(self.encoding, self.errors)).encode(
+            self.encoding, self.errors)[:max(0, bufsize - 1)] + b"\0"
+        ctypes.memmove(buf, target, len(target))
+        return 0
+
     def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
         """Only user.* attributes exist: the others are refused here, without a trip
         through the vfs and an exception (the kernel asks for security.capability before

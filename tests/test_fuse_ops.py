@@ -132,6 +132,9 @@ def test_symlinks(here: Path) -> None:
     assert os.readlink(here / "dangling") == "../nowhere/at/all"
     assert oserror(os.stat, here / "dangling") == errno.ENOENT
     assert oserror(os.symlink, "x", here / "link") == errno.EEXIST
+    long = "/".join(["d" * 200] * 20)            # 4,019 bytes, as long as the kernel takes
+    os.symlink(long, here / "long")
+    assert os.readlink(here / "long") == long
     os.unlink(here / "link")
     assert (here / "target").exists()
 
