@@ -313,10 +313,11 @@ def tar_figures(args: argparse.Namespace, figs: Figures, drive: Daemon, local: P
         x_b.append(entries / tar_x(archive, local / f"tree-{run}"))
         cw_c.append(entries / tar_c(drive.mnt / f"tree-{run}"))
         cw_b.append(entries / tar_c(local / f"tree-{run}"))
-    drive.restart()
     cc2_c, cc2_b = [], []
     for run in range(args.runs):
+        drive.stop()             # as borg's below: caches dropped, then a fresh mount
         drop_caches()
+        drive.start()
         cc_c.append(entries / tar_c(drive.mnt / f"tree-{run}"))
         cc2_c.append(entries / tar_c(drive.mnt / f"tree-{run}"))
         drop_caches()

@@ -114,6 +114,34 @@ def test_prewarm_reads_a_small_store_whole(tmp_path: Path) -> None:
         env.close()
 
 
+def test_prewarm_reads_again_a_store_that_left_memory(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within PREWARM_EVERY of a whole-store read, the store is read again only when most of
+    it left the page cache meanwhile (drop_caches right after a mount read it, memory
+    pressure): a walk then does not fault it in one page at a time."""
+    monkeypatch.setattr(lmdb_mod, "PREWARM_LOOK", 0.0)
+    env = LmdbEnv(tmp_path / "db")
+    try:
+        append_chunks(env, LmdbStore(env, level=0), 16 << 20)
+        data = tmp_path / "db" / "data.mdb"
+        size = data.stat().st_size
+
+        def resident_soon() -> float:
+            deadline = time.monotonic() + 20
+            while resident_fraction(data, 0, size) < 0.95 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return resident_fraction(data, 0, size)
+        drop_pages(data)
+        assert env.prewarm() and resident_soon() >= 0.95
+        assert not env.prewarm()                # still in memory: not again
+        drop_pages(data)
+        assert resident_fraction(data, 0, size) < 0.2
+        assert env.prewarm() and resident_soon() >= 0.95
+        assert env.prewarms == 2
+    finally:
+        env.close()
+
+
 def test_prewarm_leaves_a_store_large_against_memory_alone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = LmdbEnv(tmp_path / "db")

@@ -7,7 +7,9 @@ disk fills. LMDB keeps no checksums, so every chunk is re-hashed on read (Integr
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -41,7 +43,9 @@ WRITE_WAIT = 120.0              # seconds a write waits for the one before it, t
 MEMO_ENTRIES = 200_000          # entries a snapshot's shared read memo holds before a new one
 PREWARM_SHARE = 16              # a walk asks for the whole store while data.mdb is at most
                                 # this share of the machine's memory (1/16); see prewarm()
-PREWARM_EVERY = 60.0            # seconds before the store is asked for again
+PREWARM_EVERY = 60.0            # seconds before a store still in memory is asked for again
+PREWARM_LOOK = 2.0              # seconds between looks at whether it still is
+PREWARM_GONE = 0.5              # in memory below this share, it is asked for again at once
 DROP_BEHIND = 8 << 20           # a commit that appends at least this much leaves the page cache
 _META = struct.Struct("<IB")        # raw_len, codec
 _COUNTERS = ("chunks", "raw_bytes", "stored_bytes")
@@ -154,6 +158,7 @@ class LmdbEnv:
         self._memo_reads = 0
         self._prewarm_mutex = threading.Lock()
         self._prewarmed_at = -PREWARM_EVERY
+        self._prewarm_looked = -PREWARM_LOOK
         self.prewarms = 0       # whole-store reads started (see prewarm)
         # called after each durable commit that added chunks or manifests (replication)
         self.on_commit: Callable[[list[ChunkId]], None] | None = None
@@ -178,8 +183,10 @@ class LmdbEnv:
 
     def prewarm(self) -> bool:
         """Ask the kernel for the whole data file at once, from a thread of its own, when it is
-        at most 1/PREWARM_SHARE of the machine's memory; at most every PREWARM_EVERY seconds.
-        Returns whether it started.
+        at most 1/PREWARM_SHARE of the machine's memory; again within PREWARM_EVERY seconds
+        only when less than PREWARM_GONE of it is still in memory (mincore(2): memory
+        pressure or drop_caches took it meanwhile), looked at every PREWARM_LOOK seconds at
+        most. Returns whether it started.
 
         For walks of the tree (castore.vfs calls it when many files are read in a short
         time): nodes, chunk metadata and chunks are B-trees keyed by id and hash, so the
@@ -191,18 +198,22 @@ class LmdbEnv:
         read 8 MiB around every random lookup here."""
         with self._prewarm_mutex:
             now = time.monotonic()
-            if self._data_fd < 0 or now - self._prewarmed_at < PREWARM_EVERY:
+            if self._data_fd < 0 or now - self._prewarm_looked < PREWARM_LOOK:
                 return False
-            self._prewarmed_at = now
+            self._prewarm_looked = now
             memory = memory_bytes()
             try:                  # advice only: never an error for the caller
                 size = os.fstat(self._data_fd).st_size
-                if not memory or size * PREWARM_SHARE > memory:
+                if not memory or not size or size * PREWARM_SHARE > memory:
+                    return False
+                if (now - self._prewarmed_at < PREWARM_EVERY and
+                        resident_share(self._data_fd, size) >= PREWARM_GONE):
                     return False
                 fd = os.dup(self._data_fd)
             except OSError as exc:
                 log.debug("prewarm: %s", exc)
                 return False
+            self._prewarmed_at = now
             self.prewarms += 1
         threading.Thread(target=_willneed, args=(fd, size), name="castore-prewarm",
                          daemon=True).start()
@@ -362,6 +373,26 @@ class LmdbEnv:
 
     def disk_usage(self) -> int:
         return sum(f.stat().st_size for f in self.path.glob("*.mdb"))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def resident_share(fd: int, size: int) -> float:
+    """The share of the file's first size bytes that is in the page cache (mincore(2) over a
+    private map of it, which reads nothing)."""
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = ctypes.create_string_buffer(pages)
+    with mmap.mmap(fd, size, access=mmap.ACCESS_COPY) as m:
+        view = ctypes.c_char.from_buffer(m)        # its address (a private map is writable)
+        try:
+            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(size),
+                             vec) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            del view
+    return 1.0 - vec.raw[:pages].count(0) / pages
 
 
 def _willneed(fd: int, size: int) -> None:
