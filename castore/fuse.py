@@ -23,6 +23,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -60,6 +61,8 @@ BLKSIZE = 128 << 10              # st_blksize: programs size their I/O buffers f
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 _READDIR_PLUS, _FILL_DIR_PLUS = 1, 2     # libfuse3 fuse_readdir_flags, fuse_fill_dir_flags
 _CAP_AUTO_INVAL_DATA, _CAP_EXPLICIT_INVAL_DATA = 1 << 12, 1 << 25     # fuse_conn_info.want
+DIR_LISTINGS = 256              # directory listings being read, kept for their next READDIR
+DIR_ENTRIES = 200_000           # entries those hold together at most
 PUSH_LIMIT = 256 << 10           # files opened for reading up to this size are pushed whole
 
 # Most specific first: NameTooLongError is an InvalidNameError.
@@ -136,9 +139,14 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
         self.notify: _Notify | None = None
         self.pushed = 0                  # files handed to the kernel at open (for debuggers)
         self._ready = threading.Event()
-        self._dirs: dict[int, list[tuple[bytes, Attr | None]] | None] = {}
+        # listings being read, by libfuse's directory handle (its address): the READDIRs
+        # that continue one are served from it. No OPENDIR or RELEASEDIR reaches Python
+        # (libfuse answers them), so the oldest are dropped beyond DIR_LISTINGS handles or
+        # DIR_ENTRIES entries; a continuation that finds none lists the directory again.
+        self._dirs: OrderedDict[int, tuple[str, list[tuple[bytes, Attr | None]]]] = \
+            OrderedDict()
+        self._dirs_held = 0
         self._dirs_mutex = threading.Lock()
-        self._next_dir = 0
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         self._fuse_ptr = mfusepy._libfuse.fuse_get_context().contents.fuse
@@ -178,28 +186,27 @@ class CastoreOps(mfusepy.Operations):  # type: ignore[misc]
             out.append((name.decode("utf-8", "surrogateescape"), {"st_mode": _TYPE[kind]}, 0))
         return out
 
-    def opendir(self, path: str) -> int:
-        with self._dirs_mutex:
-            fh = self._next_dir = self._next_dir + 1
-            self._dirs[fh] = None
-        return fh
-
-    def releasedir(self, path: str | None, fh: int) -> int:
-        with self._dirs_mutex:
-            self._dirs.pop(fh, None)
-        return 0
-
     @_translated
-    def listing(self, path: str, fh: int, fresh: bool) -> list[tuple[bytes, Attr | None]]:
+    def listing(self, path: str, handle: int, fresh: bool) -> list[tuple[bytes, Attr | None]]:
         """The entries of an open directory with their attributes (None for . and ..), read
-        once per pass (offset 0) and served from there to the calls that continue it."""
-        entries = None if fresh else self._dirs.get(fh)
-        if entries is None:
-            entries = [(b".", None), (b"..", None)]
-            entries.extend(self._vfs.readdir_attrs(path))
+        once per pass (offset 0) and served from there to the calls that continue it.
+        handle: libfuse's handle of the open directory (unique while it is open)."""
+        if not fresh:
             with self._dirs_mutex:
-                if fh in self._dirs:
-                    self._dirs[fh] = entries
+                held = self._dirs.get(handle)
+            if held is not None and held[0] == path:
+                return held[1]
+        entries: list[tuple[bytes, Attr | None]] = [(b".", None), (b"..", None)]
+        entries.extend(self._vfs.readdir_attrs(path))
+        with self._dirs_mutex:
+            old = self._dirs.pop(handle, None)
+            self._dirs_held += len(entries) - (len(old[1]) if old is not None else 0)
+            self._dirs[handle] = (path, entries)
+            while self._dirs and (len(self._dirs) > DIR_LISTINGS or
+                                  self._dirs_held > DIR_ENTRIES) and \
+                    next(iter(self._dirs)) != handle:
+                _, (_, dropped) = self._dirs.popitem(last=False)
+                self._dirs_held -= len(dropped)
         return entries
 
     @_translated
@@ -491,8 +498,7 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
         offset-less mode it drops them, and the kernel then looks up every entry again)."""
         if path is None:
             return -errno.ENOENT
-        fh = int(fip.contents.fh) if fip else 0
-        entries = self.operations.listing(path.decode(self.encoding, self.errors), fh,
+        entries = self.operations.listing(path.decode(self.encoding, self.errors), buf or 0,
                                           offset == 0)
         plus = _FILL_DIR_PLUS if flags & _READDIR_PLUS else 0
         st = mfusepy.c_stat()

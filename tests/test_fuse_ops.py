@@ -534,6 +534,59 @@ def test_many_files_in_one_directory(here: Path) -> None:
     assert (here / "f0123").read_bytes() == b"123"
 
 
+def test_large_directories_listed_side_by_side(here: Path) -> None:
+    """Two directories, each read in many READDIRs (long names), listed through two open
+    descriptors in turns: each continues its own listing."""
+    want = {}
+    for d in ("a", "b"):
+        (here / d).mkdir()
+        want[d] = sorted(f"{d}-{i:04d}-" + "n" * 100 for i in range(600))
+        for name in want[d]:
+            (here / d / name).write_bytes(b"")
+    iters = {d: os.scandir(here / d) for d in want}
+    got: dict[str, list[str]] = {d: [] for d in want}
+    try:
+        while iters:
+            for d, it in list(iters.items()):
+                entry = next(it, None)
+                if entry is None:
+                    it.close()
+                    del iters[d]
+                else:
+                    got[d].append(entry.name)
+    finally:
+        for it in iters.values():
+            it.close()
+    assert {d: sorted(names) for d, names in got.items()} == want
+
+
+def test_listings_being_read_are_bounded() -> None:
+    """One layer, over a stand-in vfs: listings kept for the READDIRs that continue them are
+    dropped oldest first beyond DIR_LISTINGS; a continuation that finds its listing gone,
+    or held for another directory at that handle, lists the directory again."""
+    from castore import fuse as fuse_mod
+    from castore.vfs import Attr
+    from castore.ops import Kind
+    calls: list[str] = []
+
+    class Vfs:
+        def readdir_attrs(self, path: str) -> list[tuple[bytes, Attr]]:
+            calls.append(path)
+            return [(path.encode(), Attr(Kind.FILE, 0o644, 0, 0))]
+
+    ops = CastoreOps(Vfs(), "/mnt")  # type: ignore[arg-type]
+    for handle in range(fuse_mod.DIR_LISTINGS + 10):
+        ops.listing(f"/d{handle}", handle, True)
+    assert len(calls) == fuse_mod.DIR_LISTINGS + 10
+    assert len(ops._dirs) == fuse_mod.DIR_LISTINGS
+    last = fuse_mod.DIR_LISTINGS + 9
+    assert ops.listing(f"/d{last}", last, False)[2][0] == f"/d{last}".encode()
+    assert len(calls) == fuse_mod.DIR_LISTINGS + 10        # continued from what was kept
+    assert ops.listing("/d0", 0, False)[2][0] == b"/d0"     # dropped: listed again
+    assert ops.listing("/other", last, False)[2][0] == b"/other"
+    assert len(calls) == fuse_mod.DIR_LISTINGS + 12
+
+
 def test_pending_file_is_visible_before_close(here: Path) -> None:
     p = here / "growing"
     fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o640)
