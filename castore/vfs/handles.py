@@ -267,7 +267,9 @@ class FileHandleOps(VfsCore):
             return
         of = h.of
         try:
-            if of.handles <= 1:
+            # a clean file has nothing to commit, and with no other handle nothing can
+            # change that meanwhile: no lock to take
+            if of.handles <= 1 and of.dirty:
                 self._commit(of, wait=False)
         finally:
             with self._registry():
