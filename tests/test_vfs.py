@@ -697,3 +697,21 @@ def test_a_walk_of_many_files_asks_for_the_whole_store(vfs: Vfs, repo: Repo,
     last = core.WALK_FILES - 1
     assert _read_all(vfs, f"/f{last}") == f"file {last}".encode()
     assert started == [1]               # the sixteenth file first read within a second
+
+
+def test_a_directory_count_changed_elsewhere_shows_within_its_ttl(
+        vfs: Vfs, repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subdirectory made outside this drive (another peer, the client API) shows in its
+    parent's st_nlink within NLINK_TTL, in stat and in listings alike: attributes computed
+    from a count older than the snapshot they are read in are not cached past it."""
+    monkeypatch.setattr(core, "NLINK_TTL", 0.3)
+
+    def nlinks() -> tuple[int, int]:
+        listed = dict(vfs.readdir_attrs("/"))
+        return vfs.getattr("/d").nlink, listed[b"d"].nlink
+    vfs.mkdir("/d")
+    assert nlinks() == (2, 2)
+    repo.mkdir("/d/sub")
+    nlinks()                    # within the TTL either count may show
+    time.sleep(0.4)
+    assert nlinks() == (3, 3)

@@ -75,9 +75,10 @@ class VfsCore:
         self._kernel: OrderedDict[NodeId, bytes | None] = OrderedDict()
         # versions written here around the page cache: the kernel may hold none of them
         self._unfilled: OrderedDict[NodeId, bytes] = OrderedDict()
-        # dir -> (monotonic expiry, subdirectories): counted at most once per NLINK_TTL,
-        # kept exact in between by this drive's own mkdir/rmdir/rename
-        self._subdirs: dict[NodeId, tuple[float, int]] = {}
+        # dir -> (monotonic expiry, subdirectories, the snapshot counted in or -1): counted
+        # at most once per NLINK_TTL, kept exact in between by this drive's own
+        # mkdir/rmdir/rename
+        self._subdirs: dict[NodeId, tuple[float, int, int]] = {}
         # stat results of committed files nobody has open, valid while no transaction
         # committed (LMDB's txn id) and no open file changed here (_gen)
         self._stat_cache: dict[str | bytes, tuple[int, int, Attr]] = {}
@@ -304,7 +305,8 @@ class VfsCore:
             if target.node is None and target.of is None:
                 return None         # read again if a close landed meanwhile (_stable)
             attr = self._attr(t, target)
-            if target.of is None and target.node is not None:
+            if target.of is None and target.node is not None and \
+                    self._current(attr, target.node.id, txn_id):
                 if len(self._stat_cache) > STAT_CACHE:
                     self._stat_cache.clear()
                 self._stat_cache[path] = (txn_id, gen, attr)
@@ -318,6 +320,8 @@ class VfsCore:
         if len(self._resolved) > STAT_CACHE:
             self._resolved.clear()
         self._resolved[path] = (txn_id, node, version)
+        if not self._current(attr, node.id, txn_id):
+            return
         if len(self._stat_cache) > STAT_CACHE:
             self._stat_cache.clear()
         self._stat_cache[path] = (txn_id, gen, attr)
@@ -409,13 +413,22 @@ class VfsCore:
         count = sum(1 for _, _, kind in self._ns.children(txn, nid) if kind == Kind.DIR)
         if len(self._subdirs) > 10_000:
             self._subdirs.clear()
-        self._subdirs[nid] = (now + NLINK_TTL, count)
+        self._subdirs[nid] = (now + NLINK_TTL, count, txn.txn_id())
         return count
+
+    def _current(self, attr: Attr, nid: NodeId, txn_id: int) -> bool:
+        """Whether attr may be cached until the next commit: a directory's only when its
+        subdirectory count was taken in this snapshot (an older count, which may miss
+        changes made elsewhere, is good for NLINK_TTL only)."""
+        if attr.kind != Kind.DIR:
+            return True
+        cached = self._subdirs.get(nid)
+        return cached is not None and cached[2] == txn_id
 
     def _subdirs_changed(self, parent: NodeId, delta: int) -> None:
         cached = self._subdirs.get(parent)
         if cached is not None:
-            self._subdirs[parent] = (cached[0], max(0, cached[1] + delta))
+            self._subdirs[parent] = (cached[0], max(0, cached[1] + delta), -1)
 
     def readdir(self, path: str | bytes) -> list[tuple[bytes, Kind]]:
         """The names in a directory as users see them (conflict copies included), with
@@ -437,9 +450,11 @@ class VfsCore:
             if hit is not None and hit[1] == gen and hit[0] == self._txn_id():
                 return hit[2]
         snap = 0
+        current = True
 
         def run(t: LmdbTxn) -> list[tuple[bytes, Kind, Attr | None]]:
-            nonlocal snap
+            nonlocal snap, current
+            current = True
             txn_id = snap = t.txn_id()
             target = self._resolve(t, path, txn_id)
             if target.node is None or target.node.kind != Kind.DIR:
@@ -454,6 +469,7 @@ class VfsCore:
                         continue
                     of = self._open.get(e.node)
                     attr = self._attr(t, Target(node, of, e.version))
+                    current = current and self._current(attr, node.id, txn_id)
                     if of is None:
                         self._known_path(child(e.name), txn_id, gen, node, e.version, attr)
                 out.append((e.name, e.kind, attr))
@@ -464,7 +480,7 @@ class VfsCore:
                                 if attrs else None))
             return out
         listing = self._stable(run)
-        if attrs and len(listing) <= LISTING_MAX:
+        if attrs and current and len(listing) <= LISTING_MAX:
             old = self._listings.pop(path, None)
             self._listed -= len(old[2]) if old is not None else 0
             if self._listed + len(listing) > LISTED:
