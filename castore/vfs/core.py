@@ -86,6 +86,7 @@ class VfsCore:
         # listings with attributes, valid under the same rule as _stat_cache; _listed: the
         # entries they hold together
         self._listed = 0
+        self._listings_mutex = threading.Lock()     # their updates (lookups take none)
         self._listings: dict[str | bytes, tuple[int, int, list[tuple[bytes, Kind,
                                                                  Attr | None]]]] = {}
         self._gen = 0
@@ -481,13 +482,14 @@ class VfsCore:
             return out
         listing = self._stable(run)
         if attrs and current and len(listing) <= LISTING_MAX:
-            old = self._listings.pop(path, None)
-            self._listed -= len(old[2]) if old is not None else 0
-            if self._listed + len(listing) > LISTED:
-                self._listings.clear()
-                self._listed = 0
-            self._listings[path] = (snap, gen, listing)
-            self._listed += len(listing)
+            with self._listings_mutex:
+                old = self._listings.pop(path, None)
+                self._listed -= len(old[2]) if old is not None else 0
+                if self._listed + len(listing) > LISTED:
+                    self._listings.clear()
+                    self._listed = 0
+                self._listings[path] = (snap, gen, listing)
+                self._listed += len(listing)
         return listing
 
     def _set_attrs(self, path: str | bytes, attrs: Attrs,
