@@ -413,6 +413,25 @@ def test_what_an_open_may_hand_the_kernel(vfs: Vfs, repo: Repo) -> None:
     vfs.release(h.fh)
 
 
+def test_nothing_is_handed_over_just_after_a_rename(vfs: Vfs, repo: Repo,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a moment after a rename through the drive the kernel may still map the new name
+    to the file it replaced: whole() gives nothing until RENAMED_QUIET has passed."""
+    monkeypatch.setattr(core, "RENAMED_QUIET", 0.3)
+    data = os.urandom(5000)
+    list(repo.ingest([IngestItem("/a", Kind.FILE, data=data),
+                      IngestItem("/b", Kind.FILE, data=b"replaced")]))
+    vfs.rename("/a", "/b")
+    h = vfs.open("/b", os.O_RDONLY)
+    assert h.push and vfs.whole(h.fh, 1 << 20) is None
+    vfs.release(h.fh)
+    time.sleep(0.35)
+    vfs._kernel.clear()                  # as if the kernel had dropped what it held
+    h = vfs.open("/b", os.O_RDONLY)
+    assert vfs.whole(h.fh, 1 << 20) == data
+    vfs.release(h.fh)
+
+
 def test_whole_leaves_a_bad_chunk_to_the_read(vfs: Vfs, repo: Repo) -> None:
     """A chunk that fails its check is not handed to the kernel: the READ that follows
     reports it (EIO on the drive)."""

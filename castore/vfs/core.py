@@ -12,8 +12,9 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,6 +44,7 @@ LISTED = 200_000                # entries of directory listings cached at most, 
 LISTING_MAX = 10_000            # entries of a listing worth caching at most
 WALK_FILES = 16                 # files first read within WALK_SECONDS: a walk of the tree
 WALK_SECONDS = 1.0
+RENAMED_QUIET = 1.0             # seconds after a rename here before a file is handed over
 
 
 class VfsCore:
@@ -97,6 +99,10 @@ class VfsCore:
         self._attrs_mutex = threading.Lock()    # _attrs_pending; held only briefly
         self._committer = Committer(repo, self._landed)
         self._first_reads: deque[float] = deque(maxlen=WALK_FILES)
+        # renames through the drive under way, and when the last one ended (see _renaming)
+        self._renames = 0
+        self._renamed_at = -RENAMED_QUIET
+        self._renames_mutex = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------------------
     def _landed(self, closing: Closing) -> None:
@@ -166,6 +172,25 @@ class VfsCore:
         reads.append(now)
         if len(reads) == WALK_FILES and now - reads[0] <= WALK_SECONDS:
             self._env.prewarm()
+
+    @contextmanager
+    def _renaming(self) -> Iterator[None]:
+        """Around a rename through the drive. The kernel moves its own entry for the name
+        only once the reply reached it, so for a moment after a rename the kernel still maps
+        the new name to the file it replaced: a file handed to the kernel by path (whole())
+        could land in the wrong one then. None is handed over while a rename is under way
+        or ended less than RENAMED_QUIET ago."""
+        with self._renames_mutex:
+            self._renames += 1
+        try:
+            yield
+        finally:
+            with self._renames_mutex:
+                self._renames -= 1
+                self._renamed_at = time.monotonic()
+
+    def _names_settled(self) -> bool:
+        return not self._renames and time.monotonic() - self._renamed_at >= RENAMED_QUIET
 
     def _handle(self, fh: int) -> Handle:
         h = self._handles.get(fh)

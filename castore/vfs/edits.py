@@ -118,6 +118,10 @@ class NamespaceEdits(FileHandleOps):
         InvalidNameError (EINVAL) rather than doing a plain rename."""
         if flags & ~RENAME_NOREPLACE:
             raise InvalidNameError(f"rename flags {flags:#x} are not supported")
+        with self._renaming():
+            self._rename(src, dst, flags)
+
+    def _rename(self, src: str | bytes, dst: str | bytes, flags: int) -> None:
         dst_parts = split_path(dst)
         if not dst_parts:
             raise InvalidNameError("cannot rename over /")

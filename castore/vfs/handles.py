@@ -183,10 +183,12 @@ class FileHandleOps(VfsCore):
         """The content of a file just opened, for the kernel's page cache (castore.fuse: a
         small file handed over at open spares its reader the READ, and the GETATTR that
         follows every READ). None when that would not be safe or cheap: the file has
-        unsaved writes, other handles, more than limit bytes or none, or a chunk cannot be
-        read here now (the READ then says why)."""
+        unsaved writes, other handles, more than limit bytes or none, a rename through the
+        drive is under way or just ended (_renaming), or a chunk cannot be read here now
+        (the READ then says why)."""
         of = self._handle(fh).of
-        if of.dirty or of.node is None or of.handles != 1 or not 0 < of.size <= limit:
+        if of.dirty or of.node is None or of.handles != 1 or not 0 < of.size <= limit or \
+                not self._names_settled():
             return None
         if not of.read_started:
             of.read_started = True
