@@ -19,7 +19,6 @@ Imports no FUSE code and no LMDB; the vfs supplies chunk loading and storing.
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
