@@ -376,23 +376,27 @@ class LmdbEnv:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_LOW_BIT = bytes(i & 1 for i in range(256))
 
 
-def resident_share(fd: int, size: int) -> float:
-    """The share of the file's first size bytes that is in the page cache (mincore(2) over a
-    private map of it, which reads nothing)."""
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+def resident_share(fd: int, end: int, start: int = 0) -> float:
+    """The share of the file's bytes [start, end) that is in the page cache (mincore(2) over
+    a private map of them, which reads nothing)."""
+    start -= start % mmap.PAGESIZE
+    length = end - start
+    pages = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
     vec = ctypes.create_string_buffer(pages)
-    with mmap.mmap(fd, size, access=mmap.ACCESS_COPY) as m:
+    with mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=start) as m:
         view = ctypes.c_char.from_buffer(m)        # its address (a private map is writable)
         try:
-            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(size),
+            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(length),
                              vec) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
         finally:
             del view
-    return 1.0 - vec.raw[:pages].count(0) / pages
+    # bit 0 of each byte says whether the page is resident; the others are reserved
+    return vec.raw[:pages].translate(_LOW_BIT).count(1) / pages
 
 
 def _willneed(fd: int, size: int) -> None:
