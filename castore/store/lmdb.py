@@ -210,7 +210,7 @@ class LmdbEnv:
                         resident_share(self._data_fd, size) >= PREWARM_GONE):
                     return False
                 fd = os.dup(self._data_fd)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:      # ValueError: mmap's, in resident_share
                 log.debug("prewarm: %s", exc)
                 return False
             self._prewarmed_at = now
