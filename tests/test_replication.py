@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -61,6 +62,8 @@ class Sim:
         self.down: set[str] = set()
         self.out: set[str] = set()
         self.evil: set[str] = set()
+        self.thought_down: set[str] = set()     # the view says down; the peer still answers
+        self.fail_next: dict[str, int] = {}     # calls a peer fails before it answers again
         self.r = r
         self.locals = {p: MemLocal() for p in self.ids}
         self.reps = {p: Replicator(self.locals[p], lambda q, me=p: self.remote(me, q),
@@ -78,7 +81,8 @@ class Sim:
     def view(self, me: str) -> ClusterView:
         placed = [p for p in self.ids if p not in self.out]
         infos = [PeerInfo(PeerId.from_hex(p), 1.0, p[:4]) for p in placed]
-        live = frozenset(p for p in placed if p not in self.down)
+        live = frozenset(p for p in placed
+                         if p not in self.down and p not in self.thought_down)
         return ClusterView(me, self.r, live, tuple(placed), BITS,
                            lambda pg: [x.hex for x in preference_list(pg, infos, bits=BITS)],
                            lambda pg: [x.hex for x in holders(pg, infos, self.r, bits=BITS)])
@@ -86,6 +90,9 @@ class Sim:
     def remote(self, me: str, peer: str) -> Remote:
         if peer in self.down:
             raise PeerUnavailableError(f"{peer[:6]} is down")
+        if self.fail_next.get(peer, 0) > 0:
+            self.fail_next[peer] -= 1
+            raise PeerUnavailableError(f"{peer[:6]} is backing off")
         return Remote(self, me, peer)
 
     def copies(self, cid: ChunkId) -> int:
@@ -215,6 +222,41 @@ def test_fetch_of_unknown_chunk_is_not_found() -> None:
     sim = Sim(2, 2, 3)
     with pytest.raises(ChunkNotFoundError):
         sim.reps[sim.ids[0]].fetch([ChunkId.of(os.urandom(10))])
+
+
+def held_by(sim: Sim, holder: str, n: int) -> list[ChunkId]:
+    """n chunks stored on holder alone (not pushed anywhere)."""
+    ids = []
+    for i in range(n):
+        data = os.urandom(1000 + i)
+        tag, stored = codec.encode(data, 1)
+        ids.append(ChunkId.of(data))
+        sim.locals[holder].store.put_stored(ids[-1], StoredChunk(tag, len(data), bytes(stored)))
+    return ids
+
+
+def test_fetch_asks_a_peer_membership_holds_down_and_one_that_failed_again() -> None:
+    sim = Sim(2, 2, 3)
+    reader, holder = sim.ids
+    ids = held_by(sim, holder, 3)
+    sim.thought_down.add(holder)             # back from a partition; not yet refuted
+    sim.fail_next[holder] = 2                # and its channel still backing off
+    sim.reps[reader].fetch(ids)
+    assert all(sim.locals[reader].store.has(c) for c in ids)
+    assert sim.fail_next[holder] == 0
+
+
+def test_fetch_gives_up_on_a_silent_holder_after_its_patience() -> None:
+    sim = Sim(2, 2, 3)
+    reader, holder = sim.ids
+    ids = held_by(sim, holder, 1)
+    sim.down.add(holder)
+    rep = sim.reps[reader]
+    rep.fetch_patience = 0.6
+    start = time.monotonic()
+    with pytest.raises(ChunkNotFoundError, match="did not answer"):
+        rep.fetch(ids)
+    assert 0.6 <= time.monotonic() - start < 5
 
 
 # -- membership ---------------------------------------------------------------------------

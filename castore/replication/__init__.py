@@ -39,6 +39,8 @@ from castore.store import StoredChunk
 
 log = logging.getLogger(__name__)
 
+FETCH_PAUSE = 0.25      # seconds between a fetch's rounds when a holder did not answer
+
 Batch = list[tuple[ChunkId, StoredChunk]]
 
 
@@ -124,6 +126,7 @@ class Replicator:
                  push_streams: int = 2, commit_bytes: int = 16 << 20,
                  batch_items: int = 64, max_transfers: int = 2, quarantine_after: int = 3,
                  ack_copies: int = 2, push_grace: float = 5.0,
+                 fetch_patience: float = 5.0,
                  clock: Callable[[], float] = time.monotonic,
                  on_bytes: Callable[[str, str, int], None] | None = None) -> None:
         self.local = local
@@ -136,6 +139,7 @@ class Replicator:
         self.push_grace = push_grace
         self.ack_copies = ack_copies
         self.quarantine_after = quarantine_after
+        self.fetch_patience = fetch_patience
         self._clock = clock
         self._on_bytes = on_bytes or (lambda peer, direction, n: None)
         self._copies: dict[ChunkId, set[str]] = {}
@@ -383,37 +387,67 @@ class Replicator:
 
     # -- reading through ------------------------------------------------------------------
     def fetch(self, ids: list[ChunkId]) -> None:
-        """Make every id local (a cache copy), from the live peers of its preference list,
-        several holders in parallel. Raises ChunkNotFoundError naming an id nobody gave."""
-        view = self.view()
+        """Make every id local (a cache copy) from the peers of its preference list, several
+        holders in parallel: live peers first, then placed peers membership holds down (a
+        peer back from a partition is reached before membership has heard it refute).
+        Peers that did not answer are asked again every FETCH_PAUSE seconds for
+        `fetch_patience` seconds (a channel still backing off after a heal fails at once).
+        Raises ChunkNotFoundError naming an id that every peer asked said it lacks, or that
+        no peer gave in that time."""
         want = [c for c, h in zip(ids, self.local.has_many(ids)) if not h]
-        if not want:
-            return
-        tries: dict[ChunkId, list[str]] = {
-            c: [p for p in view.preference(pg_of(c, view.pg_bits))
-                if p in view.live and p != view.me and not self.quarantined(p)] for c in want}
+        deadline = self._clock() + self.fetch_patience
+        while want:
+            missing, silent = self._fetch_round(want)
+            if not missing:
+                return
+            unsure = [c for c in missing if c in silent]
+            if not unsure or self._clock() >= deadline or self._stopping:
+                c = (unsure or missing)[0]
+                why = ("a peer that may hold it did not answer for "
+                       f"{self.fetch_patience:g} s" if unsure else
+                       "every peer of its preference list said it lacks it")
+                raise ChunkNotFoundError(f"no peer gave {c}: {why}")
+            time.sleep(FETCH_PAUSE)
+            want = missing
+
+    def _fetch_round(self, want: list[ChunkId]) -> tuple[list[ChunkId], set[ChunkId]]:
+        """Ask each id's holders in turn until one gives it. Returns the ids no one gave, and
+        those of them that a peer asked failed to answer for."""
+        view = self.view()
+        tries: dict[ChunkId, list[str]] = {}
+        for c in want:
+            pref = [p for p in view.preference(pg_of(c, view.pg_bits))
+                    if p != view.me and not self.quarantined(p)]
+            tries[c] = ([p for p in pref if p in view.live] +
+                        [p for p in pref if p not in view.live])
+        silent: set[ChunkId] = set()
+        missing: list[ChunkId] = []
         while want:
             groups: dict[str, list[ChunkId]] = defaultdict(list)
             for c in want:
-                if not tries[c]:
-                    raise ChunkNotFoundError(f"no live peer holds {c} (asked every peer of its "
-                                             "preference list)")
-                groups[tries[c][0]].append(c)
+                if tries[c]:
+                    groups[tries[c].pop(0)].append(c)
+                else:
+                    missing.append(c)
             futures = {p: self._pool.submit(self._fetch_from, p, cs) for p, cs in groups.items()}
             got: set[ChunkId] = set()
             for p, f in futures.items():
-                got.update(f.result())
-            want = [c for c in want if c not in got]
-            for c in want:
-                tries[c].pop(0)
+                stored, answered = f.result()
+                got.update(stored)
+                if not answered:
+                    silent.update(groups[p])
+            want = [c for cs in groups.values() for c in cs if c not in got]
+        return missing, silent
 
-    def _fetch_from(self, peer: str, ids: list[ChunkId]) -> list[ChunkId]:
+    def _fetch_from(self, peer: str, ids: list[ChunkId]) -> tuple[list[ChunkId], bool]:
+        """What `peer` gave of ids (verified and stored here), and whether it answered."""
         stored: list[ChunkId] = []
         try:
             self.accept_stream(peer, self.peer_store(peer).get_stored_many(ids), stored)
         except CastoreError as exc:
             log.info("fetch from %s failed: %s", peer[:10], exc)
-        return stored
+            return stored, False
+        return stored, True
 
     def accept_stream(self, sender: str, items: Iterable[tuple[ChunkId, StoredChunk]],
                       stored: list[ChunkId]) -> list[ChunkId]:
@@ -484,7 +518,7 @@ class Replicator:
                            for src, cs in by_src.items()]
                 got: set[ChunkId] = set()
                 for f in futures:
-                    got.update(f.result())
+                    got.update(f.result()[0])
                 done.extend(got)
                 todo = [(c, s) for c, s in left if c not in got and s]
             failed = [c for c in ids if c not in set(done)]
