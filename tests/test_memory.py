@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 _FAULTS = r"""
-import random, resource, sys, threading
+import os, random, resource, sys, threading, time
 from castore.node import reuse_freed_memory
 if sys.argv[1] == "tuned":
     assert reuse_freed_memory()
@@ -29,6 +29,10 @@ def in_a_thread():                # as the daemon's workers and pools do
     t = threading.Thread(target=churn)
     t.start()
     t.join()
+    # join returns before the thread has exited and handed its malloc arena back for the
+    # next thread to reuse; on a loaded machine the next one would get a fresh arena
+    while os.path.exists(f"/proc/self/task/{t.native_id}"):
+        time.sleep(0.001)
 
 in_a_thread()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
