@@ -234,7 +234,7 @@ def test_a_partition_heals_and_nothing_is_lost(tmp_path: Path) -> None:
         pytest.fail(f"network namespaces are needed: {why}")
     lab = netlab.NetLab(2).up()
     try:
-        with lab_drives(tmp_path, lab) as [(_, ma), (_, mb)]:
+        with lab_drives(tmp_path, lab) as [(pa, ma), (pb, mb)]:
             (ma / "before.txt").write_bytes(b"written before the partition\n")
             poll(lambda: read(mb / "before.txt") is not None, 30, "the file reaches B")
             lab.isolate(1)
@@ -247,7 +247,11 @@ def test_a_partition_heals_and_nothing_is_lost(tmp_path: Path) -> None:
             shared = {side: f"{side}'s side of shared\n".encode() * 300 for side in "ab"}
             (ma / "shared.txt").write_bytes(shared["a"])
             (mb / "shared.txt").write_bytes(shared["b"])
-            time.sleep(2.0)                  # the sides stay apart while the cut lasts
+            # the cut lasts past the suspicion timeout, until each side holds the other dead:
+            # the heal has to bring them back, and a-*.txt, whose chunks are only on A, must
+            # read on B as soon as B lists it (a read asks holders held dead too)
+            wait_for(lambda: all(any(m["state"] == "dead" for m in p.peers())
+                                 for p in (pa, pb)), 60, "each side holds the other dead")
             assert "b-0.txt" not in listing(ma) and "a-0.txt" not in listing(mb)
             lab.heal()
             healed = time.monotonic()
