@@ -396,11 +396,18 @@ class Replicator:
         no peer gave in that time."""
         want = [c for c, h in zip(ids, self.local.has_many(ids)) if not h]
         deadline = self._clock() + self.fetch_patience
+        rounds = 0
         while want:
             missing, silent = self._fetch_round(want)
             if not missing:
+                if rounds:
+                    log.info("fetch: got every chunk after %d more round(s)", rounds)
                 return
             unsure = [c for c in missing if c in silent]
+            if unsure and not rounds:
+                log.info("fetch: a holder of %d chunk(s) did not answer; asking again for up "
+                         "to %g s", len(unsure), self.fetch_patience)
+            rounds += 1
             if not unsure or self._clock() >= deadline or self._stopping:
                 c = (unsure or missing)[0]
                 why = ("a peer that may hold it did not answer for "
@@ -432,22 +439,24 @@ class Replicator:
             futures = {p: self._pool.submit(self._fetch_from, p, cs) for p, cs in groups.items()}
             got: set[ChunkId] = set()
             for p, f in futures.items():
-                stored, answered = f.result()
+                stored, err = f.result()
                 got.update(stored)
-                if not answered:
+                if err is not None:
+                    log.debug("fetch from %s failed: %s", p[:10], err)
                     silent.update(groups[p])
             want = [c for cs in groups.values() for c in cs if c not in got]
         return missing, silent
 
-    def _fetch_from(self, peer: str, ids: list[ChunkId]) -> tuple[list[ChunkId], bool]:
-        """What `peer` gave of ids (verified and stored here), and whether it answered."""
+    def _fetch_from(self, peer: str, ids: list[ChunkId]
+                    ) -> tuple[list[ChunkId], CastoreError | None]:
+        """What `peer` gave of ids (verified and stored here), and why it did not answer
+        (None when it did)."""
         stored: list[ChunkId] = []
         try:
             self.accept_stream(peer, self.peer_store(peer).get_stored_many(ids), stored)
         except CastoreError as exc:
-            log.info("fetch from %s failed: %s", peer[:10], exc)
-            return stored, False
-        return stored, True
+            return stored, exc
+        return stored, None
 
     def accept_stream(self, sender: str, items: Iterable[tuple[ChunkId, StoredChunk]],
                       stored: list[ChunkId]) -> list[ChunkId]:
@@ -517,8 +526,11 @@ class Replicator:
                 futures = [self._pool.submit(self._fetch_from, src, cs)
                            for src, cs in by_src.items()]
                 got: set[ChunkId] = set()
-                for f in futures:
-                    got.update(f.result()[0])
+                for src, f in zip(by_src, futures):
+                    stored, err = f.result()
+                    got.update(stored)
+                    if err is not None:
+                        log.info("pull from %s failed: %s", src[:10], err)
                 done.extend(got)
                 todo = [(c, s) for c, s in left if c not in got and s]
             failed = [c for c in ids if c not in set(done)]
