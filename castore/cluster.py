@@ -209,9 +209,11 @@ class Cluster:
 
     def view(self) -> ClusterView:
         placed = self.membership.placed()
-        live = frozenset(m.peer_id for m in self.membership.live()
-                         if not self.replicator.quarantined(m.peer_id))
-        key = (tuple((m.peer_id, m.capacity, m.zone) for m in placed), live)
+        members = [m for m in self.membership.live()
+                   if not self.replicator.quarantined(m.peer_id)]
+        live = frozenset(m.peer_id for m in members)
+        suspect = frozenset(m.peer_id for m in members if m.state == State.SUSPECT)
+        key = (tuple((m.peer_id, m.capacity, m.zone) for m in placed), live, suspect)
         if key == self._view_key and self._view is not None:
             return self._view
         seed = bytes.fromhex(self._file.cluster_id) if self._file else b""
@@ -226,7 +228,7 @@ class Cluster:
             return [p.hex for p in holders(pg, infos, r, bits=PG_BITS, seed=seed)]
         view = ClusterView(self.peer_id, r, live, tuple(p.id.hex for p in infos), PG_BITS,
                            functools.lru_cache(maxsize=None)(pref),
-                           functools.lru_cache(maxsize=None)(tgt))
+                           functools.lru_cache(maxsize=None)(tgt), suspect)
         self._view_key, self._view = key, view
         return view
 

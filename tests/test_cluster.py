@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
 import time
 import urllib.request
@@ -160,3 +161,27 @@ def test_every_peer_restarts_and_everything_is_kept(tmp_path: Path) -> None:
         assert [p.chunks() for p in peers] == counts, "a restart moved data"
         for f, cid in zip(files, ids):
             assert _cat(peers[2], cid) == f.read_bytes()
+
+
+def test_a_read_goes_around_a_stalled_holder(tmp_path: Path) -> None:
+    """A holder that stops answering but keeps its connections open (a suspended machine,
+    SIGSTOP) costs a read a bounded wait, not the read: its chunks come from the other
+    holder, both while membership still holds the stalled peer alive and after."""
+    with cluster(tmp_path, 3, redundancy=2) as [a, b, c]:
+        files = _files(tmp_path, 2, seed=5, size=12 << 20)
+        ids = [add(a, f, "--wait") for f in files]
+        _settle([a, b, c])
+        assert b.proc is not None
+        took = []
+        try:
+            b.proc.send_signal(signal.SIGSTOP)
+            for f, cid in zip(files, ids):       # the first read starts before b is suspect
+                start = time.monotonic()
+                assert _cat(c, cid) == f.read_bytes()
+                took.append(time.monotonic() - start)
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        # the first read waits until the stalled holder's connection is found dead (pings
+        # unanswered, about 5 s) or the fetch's deadline; the second asks the holder
+        # membership holds alive before the one it now suspects or holds dead
+        assert took[0] < 25 and took[1] < 10, took

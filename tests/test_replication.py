@@ -63,6 +63,8 @@ class Sim:
         self.out: set[str] = set()
         self.evil: set[str] = set()
         self.thought_down: set[str] = set()     # the view says down; the peer still answers
+        self.suspect: set[str] = set()          # the view says suspect
+        self.asked: list[str] = []              # peers whose store was asked for, in order
         self.fail_next: dict[str, int] = {}     # calls a peer fails before it answers again
         self.r = r
         self.locals = {p: MemLocal() for p in self.ids}
@@ -85,9 +87,11 @@ class Sim:
                          if p not in self.down and p not in self.thought_down)
         return ClusterView(me, self.r, live, tuple(placed), BITS,
                            lambda pg: [x.hex for x in preference_list(pg, infos, bits=BITS)],
-                           lambda pg: [x.hex for x in holders(pg, infos, self.r, bits=BITS)])
+                           lambda pg: [x.hex for x in holders(pg, infos, self.r, bits=BITS)],
+                           frozenset(self.suspect & live))
 
     def remote(self, me: str, peer: str) -> Remote:
+        self.asked.append(peer)
         if peer in self.down:
             raise PeerUnavailableError(f"{peer[:6]} is down")
         if self.fail_next.get(peer, 0) > 0:
@@ -112,7 +116,8 @@ class Remote:
                         ) -> tuple[list[ChunkId], list[ChunkId]]:
         return self.rep.handle_put(self.me, items)
 
-    def get_stored_many(self, ids: list[ChunkId]) -> Iterator[tuple[ChunkId, StoredChunk]]:
+    def get_stored_many(self, ids: list[ChunkId], timeout: float | None = None
+                        ) -> Iterator[tuple[ChunkId, StoredChunk]]:
         for c in ids:
             if self.local.store.has(c):
                 s = self.local.get_stored(c)
@@ -224,21 +229,22 @@ def test_fetch_of_unknown_chunk_is_not_found() -> None:
         sim.reps[sim.ids[0]].fetch([ChunkId.of(os.urandom(10))])
 
 
-def held_by(sim: Sim, holder: str, n: int) -> list[ChunkId]:
-    """n chunks stored on holder alone (not pushed anywhere)."""
+def held_by(sim: Sim, holders_: list[str], n: int) -> list[ChunkId]:
+    """n chunks stored on those peers alone (not pushed anywhere)."""
     ids = []
     for i in range(n):
         data = os.urandom(1000 + i)
         tag, stored = codec.encode(data, 1)
         ids.append(ChunkId.of(data))
-        sim.locals[holder].store.put_stored(ids[-1], StoredChunk(tag, len(data), bytes(stored)))
+        for h in holders_:
+            sim.locals[h].store.put_stored(ids[-1], StoredChunk(tag, len(data), bytes(stored)))
     return ids
 
 
 def test_fetch_asks_a_peer_membership_holds_down_and_one_that_failed_again() -> None:
     sim = Sim(2, 2, 3)
     reader, holder = sim.ids
-    ids = held_by(sim, holder, 3)
+    ids = held_by(sim, [holder], 3)
     sim.thought_down.add(holder)             # back from a partition; not yet refuted
     sim.fail_next[holder] = 2                # and its channel still backing off
     sim.reps[reader].fetch(ids)
@@ -246,10 +252,21 @@ def test_fetch_asks_a_peer_membership_holds_down_and_one_that_failed_again() -> 
     assert sim.fail_next[holder] == 0
 
 
+def test_fetch_asks_a_suspect_holder_after_the_others() -> None:
+    sim = Sim(3, 3, 3)
+    reader, stalled, other = sim.ids
+    ids = held_by(sim, [stalled, other], 40)
+    sim.suspect.add(stalled)
+    sim.asked.clear()
+    sim.reps[reader].fetch(ids)
+    assert all(sim.locals[reader].store.has(c) for c in ids)
+    assert stalled not in sim.asked, "the suspect was asked while an alive holder had it all"
+
+
 def test_fetch_gives_up_on_a_silent_holder_after_its_patience() -> None:
     sim = Sim(2, 2, 3)
     reader, holder = sim.ids
-    ids = held_by(sim, holder, 1)
+    ids = held_by(sim, [holder], 1)
     sim.down.add(holder)
     rep = sim.reps[reader]
     rep.fetch_patience = 0.6

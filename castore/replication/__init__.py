@@ -40,6 +40,8 @@ from castore.store import StoredChunk
 log = logging.getLogger(__name__)
 
 FETCH_PAUSE = 0.25      # seconds between a fetch's rounds when a holder did not answer
+FETCH_BASE = 10.0       # seconds a holder has to send what a fetch asks of it, plus
+FETCH_PER_CHUNK = 2.0   # this per chunk (4 MiB at most): a stalled holder is given up on
 
 Batch = list[tuple[ChunkId, StoredChunk]]
 
@@ -61,7 +63,8 @@ class PeerStore(Protocol):
 
     def has_many(self, ids: list[ChunkId]) -> list[bool]: ...
     def put_stored_many(self, items: Batch) -> tuple[list[ChunkId], list[ChunkId]]: ...
-    def get_stored_many(self, ids: list[ChunkId]) -> Iterator[tuple[ChunkId, StoredChunk]]: ...
+    def get_stored_many(self, ids: list[ChunkId], timeout: float | None = None
+                        ) -> Iterator[tuple[ChunkId, StoredChunk]]: ...
     def list_ids(self, pg_bits: int, pgs: list[int]) -> Iterator[ChunkId]: ...
     def pull(self, items: list[tuple[ChunkId, list[str]]]) -> tuple[list[ChunkId],
                                                                      list[ChunkId]]: ...
@@ -87,6 +90,7 @@ class ClusterView:
     pg_bits: int
     preference: Callable[[int], list[str]]
     targets: Callable[[int], list[str]]
+    suspect: frozenset[str] = frozenset()    # live, but a probe went unanswered
 
     @property
     def r_eff(self) -> int:
@@ -388,8 +392,9 @@ class Replicator:
     # -- reading through ------------------------------------------------------------------
     def fetch(self, ids: list[ChunkId]) -> None:
         """Make every id local (a cache copy) from the peers of its preference list, several
-        holders in parallel: live peers first, then placed peers membership holds down (a
-        peer back from a partition is reached before membership has heard it refute).
+        holders in parallel: peers membership holds alive first, then suspects, then placed
+        peers it holds down (a peer back from a partition is reached before membership has
+        heard it refute). A holder has FETCH_BASE + FETCH_PER_CHUNK per chunk to send them.
         Peers that did not answer are asked again every FETCH_PAUSE seconds for
         `fetch_patience` seconds (a channel still backing off after a heal fails at once).
         Raises ChunkNotFoundError naming an id that every peer asked said it lacks, or that
@@ -425,8 +430,8 @@ class Replicator:
         for c in want:
             pref = [p for p in view.preference(pg_of(c, view.pg_bits))
                     if p != view.me and not self.quarantined(p)]
-            tries[c] = ([p for p in pref if p in view.live] +
-                        [p for p in pref if p not in view.live])
+            tries[c] = sorted(pref, key=lambda p: 0 if p in view.live and p not in
+                              view.suspect else 1 if p in view.live else 2)
         silent: set[ChunkId] = set()
         missing: list[ChunkId] = []
         while want:
@@ -453,7 +458,8 @@ class Replicator:
         (None when it did)."""
         stored: list[ChunkId] = []
         try:
-            self.accept_stream(peer, self.peer_store(peer).get_stored_many(ids), stored)
+            self.accept_stream(peer, self.peer_store(peer).get_stored_many(
+                ids, timeout=FETCH_BASE + FETCH_PER_CHUNK * len(ids)), stored)
         except CastoreError as exc:
             return stored, exc
         return stored, None

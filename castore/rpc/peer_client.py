@@ -26,13 +26,24 @@ from castore.ops import Op
 from castore.store import StoredChunk
 
 Batch = list[tuple[ChunkId, StoredChunk]]
+KEEPALIVE_MS = 5000          # silence on a connection after which it is pinged, and the wait
+                             # for the answer before it is dropped
 
 
 def channel_options(max_message: int) -> list[tuple[str, Any]]:
     return [("grpc.max_send_message_length", max_message),
             ("grpc.max_receive_message_length", max_message),
             ("grpc.ssl_target_name_override", SAN),
-            ("grpc.keepalive_time_ms", 20000),
+            # a peer that stops answering but keeps its connection open (suspended, stopped,
+            # its network gone without a reset) is found within about 10 s of silence: a call
+            # on it fails then instead of waiting out its deadline. Both ends allow the pings
+            # however quiet a call is (a Pull that works for minutes sends nothing meanwhile).
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+            ("grpc.http2.max_ping_strikes", 0),
             # a peer that refused us (not yet told we joined) or restarted must be retried
             # soon, not after gRPC's default backoff of up to two minutes
             ("grpc.initial_reconnect_backoff_ms", 200),
@@ -153,10 +164,12 @@ class RemoteStore:
                               peer=self.member.peer_id[:16], direction="out")
         return [_cid(i) for i in reply.stored], [_cid(i) for i in reply.rejected]
 
-    def get_stored_many(self, ids: list[ChunkId]) -> Iterator[tuple[ChunkId, StoredChunk]]:
+    def get_stored_many(self, ids: list[ChunkId], timeout: float | None = None
+                        ) -> Iterator[tuple[ChunkId, StoredChunk]]:
         try:
             for blob in self.stub.GetBlobs(pp.Ids(ids=[c.digest for c in ids]),
-                                           timeout=self.stream_timeout):
+                                           timeout=min(timeout or self.stream_timeout,
+                                                       self.stream_timeout)):
                 yield _cid(blob.id), StoredChunk(blob.codec, blob.raw_len, bytes(blob.data))
         except grpc.RpcError as exc:
             raise self._fail(exc, "get") from exc
