@@ -166,7 +166,8 @@ def test_every_peer_restarts_and_everything_is_kept(tmp_path: Path) -> None:
 def test_a_read_goes_around_a_stalled_holder(tmp_path: Path) -> None:
     """A holder that stops answering but keeps its connections open (a suspended machine,
     SIGSTOP) costs a read a bounded wait, not the read: its chunks come from the other
-    holder, both while membership still holds the stalled peer alive and after."""
+    holder, both while membership still holds the stalled peer alive and after. A write
+    meanwhile still reaches W copies."""
     with cluster(tmp_path, 3, redundancy=2) as [a, b, c]:
         files = _files(tmp_path, 2, seed=5, size=12 << 20)
         ids = [add(a, f, "--wait") for f in files]
@@ -179,9 +180,15 @@ def test_a_read_goes_around_a_stalled_holder(tmp_path: Path) -> None:
                 start = time.monotonic()
                 assert _cat(c, cid) == f.read_bytes()
                 took.append(time.monotonic() - start)
+            start = time.monotonic()            # and a write meanwhile reaches W copies
+            (tmp_path / "new").mkdir()
+            new = _files(tmp_path / "new", 1, seed=6)[0]
+            cid = add(c, new, "--wait")
+            took.append(time.monotonic() - start)
+            assert _cat(a, cid) == new.read_bytes()
         finally:
             b.proc.send_signal(signal.SIGCONT)
         # the first read waits until the stalled holder's connection is found dead (pings
         # unanswered, about 5 s) or the fetch's deadline; the second asks the holder
         # membership holds alive before the one it now suspects or holds dead
-        assert took[0] < 25 and took[1] < 10, took
+        assert took[0] < 25 and took[1] < 10 and took[2] < 30, took
