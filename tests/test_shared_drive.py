@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import re
+import signal
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -225,6 +228,41 @@ def lab_drives(tmp: Path, lab: netlab.NetLab) -> Iterator[list[tuple[Peer, Path]
             p.stop()
         for m in mnts:
             force_unmount(str(m))
+
+
+def _tree(root: Path, seed: int) -> None:
+    """A small tree of files in nested directories, a few of them several chunks long."""
+    rng = random.Random(seed)
+    for i in range(40):
+        f = root / f"d{i % 4}" / f"e{i % 3}" / f"f{i}.bin"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(rng.randbytes(rng.choice([0, 100, 5000, 70_000, 3 << 20])))
+
+
+def _same(a: Path, b: Path) -> bool:
+    return subprocess.run(["diff", "-r", str(a), str(b)], capture_output=True).returncode == 0
+
+
+@pytest.mark.timeout(150)
+def test_a_stalled_peer_holds_up_no_other_drive(tmp_path: Path) -> None:
+    """A peer that stops answering with its connections open (SIGSTOP: a suspended
+    machine): a tree copied into one drive meanwhile shows on another in full, and the
+    stalled peer has it once it runs again."""
+    src = tmp_path / "src"
+    _tree(src, 7)
+    with drives(tmp_path, 3) as [(_, ma), (pb, mb), (_, mc)]:
+        run(["cp", "-r", src, ma / "before"])
+        poll(lambda: _same(src, mc / "before"), 30, "a tree reaches C")
+        assert pb.proc is not None
+        try:
+            pb.proc.send_signal(signal.SIGSTOP)
+            run(["cp", "-r", src, ma / "during"])
+            # at most one fetch waits for the stalled peer's connection to be found dead
+            took = poll(lambda: _same(src, mc / "during"), 60, "the tree reaches C")
+        finally:
+            pb.proc.send_signal(signal.SIGCONT)
+        poll(lambda: _same(src, mb / "during"), 60, "B has the tree once it runs again")
+        assert took < 30, took
 
 
 @pytest.mark.timeout(150)
