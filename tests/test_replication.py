@@ -64,6 +64,7 @@ class Sim:
         self.evil: set[str] = set()
         self.thought_down: set[str] = set()     # the view says down; the peer still answers
         self.suspect: set[str] = set()          # the view says suspect
+        self.slow: dict[str, float] = {}        # seconds a peer waits before it sends
         self.asked: list[str] = []              # peers whose store was asked for, in order
         self.fail_next: dict[str, int] = {}     # calls a peer fails before it answers again
         self.r = r
@@ -118,6 +119,7 @@ class Remote:
 
     def get_stored_many(self, ids: list[ChunkId], timeout: float | None = None
                         ) -> Iterator[tuple[ChunkId, StoredChunk]]:
+        time.sleep(self.sim.slow.get(self.peer, 0.0))
         for c in ids:
             if self.local.store.has(c):
                 s = self.local.get_stored(c)
@@ -261,6 +263,19 @@ def test_fetch_asks_a_suspect_holder_after_the_others() -> None:
     sim.reps[reader].fetch(ids)
     assert all(sim.locals[reader].store.has(c) for c in ids)
     assert stalled not in sim.asked, "the suspect was asked while an alive holder had it all"
+
+
+def test_fetch_asks_the_next_holder_when_the_first_sends_nothing() -> None:
+    sim = Sim(3, 3, 3)
+    reader, stalled, other = sim.ids
+    ids = held_by(sim, [stalled, other], 40)
+    sim.slow[stalled] = 4.0                  # connected, but sends nothing for 4 s
+    start = time.monotonic()
+    sim.reps[reader].fetch(ids)
+    took = time.monotonic() - start
+    assert all(sim.locals[reader].store.has(c) for c in ids)
+    assert stalled in sim.asked              # first in line for some of them
+    assert took < 3.0, took                  # HEDGE_AFTER (1 s), not the stall
 
 
 def test_fetch_gives_up_on_a_silent_holder_after_its_patience() -> None:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 FETCH_PAUSE = 0.25      # seconds between a fetch's rounds when a holder did not answer
 FETCH_BASE = 10.0       # seconds a holder has to send what a fetch asks of it, plus
 FETCH_PER_CHUNK = 2.0   # this per chunk (4 MiB at most): a stalled holder is given up on
+HEDGE_AFTER = 1.0       # seconds a holder has to start sending before the next is asked too
 
 Batch = list[tuple[ChunkId, StoredChunk]]
 
@@ -98,14 +99,17 @@ class ClusterView:
 
     def write_targets(self, pg: int) -> list[str]:
         """Where a new chunk goes now: its live targets, topped up from the preference list
-        while a target is down (the stand-in keeps the copy until repair moves it)."""
-        chosen = [p for p in self.targets(pg) if p in self.live]
+        while a target is down or suspect (the stand-in keeps the copy until repair moves
+        it). A suspect target still gets its copy, last: a write's acknowledgement does not
+        wait on a peer that stopped answering probes."""
+        live = [p for p in self.targets(pg) if p in self.live]
+        chosen = [p for p in live if p not in self.suspect]
         for p in self.preference(pg):
             if len(chosen) >= self.r_eff:
                 break
-            if p in self.live and p not in chosen:
+            if p in self.live and p not in self.suspect and p not in chosen:
                 chosen.append(p)
-        return chosen[:self.r_eff]
+        return chosen[:self.r_eff] + [p for p in live if p in self.suspect]
 
     def primary(self, pg: int) -> str | None:
         return next((p for p in self.preference(pg) if p in self.live), None)
@@ -156,7 +160,9 @@ class Replicator:
         self._retry: list[tuple[float, ChunkId]] = []
         self._inbound = threading.Semaphore(max_transfers)
         self._max_transfers = max_transfers
-        self._pool = ThreadPoolExecutor(4, thread_name_prefix="castore-fetch")
+        # fetches in flight; a holder given up on by a hedge keeps its thread until its call
+        # ends
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="castore-fetch")
         self._commits = ThreadPoolExecutor(4, thread_name_prefix="castore-commit")
         self._pushing: dict[ChunkId, int] = {}     # pushes queued or on the wire, per chunk
         self.rejected: dict[str, int] = defaultdict(int)
@@ -394,9 +400,11 @@ class Replicator:
         """Make every id local (a cache copy) from the peers of its preference list, several
         holders in parallel: peers membership holds alive first, then suspects, then placed
         peers it holds down (a peer back from a partition is reached before membership has
-        heard it refute). A holder has FETCH_BASE + FETCH_PER_CHUNK per chunk to send them.
-        Peers that did not answer are asked again every FETCH_PAUSE seconds for
-        `fetch_patience` seconds (a channel still backing off after a heal fails at once).
+        heard it refute). A holder that has sent nothing after HEDGE_AFTER seconds is not
+        waited for: the next holder is asked too, and what either sends is kept. A holder
+        has FETCH_BASE + FETCH_PER_CHUNK per chunk to send them. Peers that did not answer
+        are asked again every FETCH_PAUSE seconds for `fetch_patience` seconds (a channel
+        still backing off after a heal fails at once).
         Raises ChunkNotFoundError naming an id that every peer asked said it lacks, or that
         no peer gave in that time."""
         want = [c for c, h in zip(ids, self.local.has_many(ids)) if not h]
@@ -420,7 +428,8 @@ class Replicator:
                        "every peer of its preference list said it lacks it")
                 raise ChunkNotFoundError(f"no peer gave {c}: {why}")
             time.sleep(FETCH_PAUSE)
-            want = missing
+            # a holder left behind by a hedge may have sent its chunks meanwhile
+            want = [c for c, h in zip(missing, self.local.has_many(missing)) if not h]
 
     def _fetch_round(self, want: list[ChunkId]) -> tuple[list[ChunkId], set[ChunkId]]:
         """Ask each id's holders in turn until one gives it. Returns the ids no one gave, and
@@ -441,9 +450,20 @@ class Replicator:
                     groups[tries[c].pop(0)].append(c)
                 else:
                     missing.append(c)
-            futures = {p: self._pool.submit(self._fetch_from, p, cs) for p, cs in groups.items()}
+            started = {p: threading.Event() for p in groups}
+            futures = {p: self._pool.submit(self._fetch_from, p, cs, started[p])
+                       for p, cs in groups.items()}
+            wait(futures.values(), timeout=HEDGE_AFTER)
             got: set[ChunkId] = set()
             for p, f in futures.items():
+                if not f.done() and not started[p].is_set() and \
+                        all(tries[c] for c in groups[p]):
+                    # nothing yet from this holder, and each of its chunks has another:
+                    # ask those now (this call goes on, and what it sends is kept)
+                    log.debug("fetch: %s has sent nothing for %g s; asking the next holders",
+                              p[:10], HEDGE_AFTER)
+                    silent.update(groups[p])
+                    continue
                 stored, err = f.result()
                 got.update(stored)
                 if err is not None:
@@ -452,16 +472,25 @@ class Replicator:
             want = [c for cs in groups.values() for c in cs if c not in got]
         return missing, silent
 
-    def _fetch_from(self, peer: str, ids: list[ChunkId]
+    def _fetch_from(self, peer: str, ids: list[ChunkId], started: threading.Event | None = None
                     ) -> tuple[list[ChunkId], CastoreError | None]:
         """What `peer` gave of ids (verified and stored here), and why it did not answer
-        (None when it did)."""
+        (None when it did). Sets `started` once the peer answers at all."""
         stored: list[ChunkId] = []
+
+        def items() -> Iterator[tuple[ChunkId, StoredChunk]]:
+            for item in self.peer_store(peer).get_stored_many(
+                    ids, timeout=FETCH_BASE + FETCH_PER_CHUNK * len(ids)):
+                if started is not None:
+                    started.set()
+                yield item
         try:
-            self.accept_stream(peer, self.peer_store(peer).get_stored_many(
-                ids, timeout=FETCH_BASE + FETCH_PER_CHUNK * len(ids)), stored)
+            self.accept_stream(peer, items(), stored)
         except CastoreError as exc:
             return stored, exc
+        finally:
+            if started is not None:
+                started.set()
         return stored, None
 
     def accept_stream(self, sender: str, items: Iterable[tuple[ChunkId, StoredChunk]],
