@@ -115,6 +115,7 @@ class Remote:
 
     def put_stored_many(self, items: list[tuple[ChunkId, StoredChunk]]
                         ) -> tuple[list[ChunkId], list[ChunkId]]:
+        time.sleep(self.sim.slow.get(self.peer, 0.0))
         return self.rep.handle_put(self.me, items)
 
     def get_stored_many(self, ids: list[ChunkId], timeout: float | None = None
@@ -276,6 +277,23 @@ def test_fetch_asks_the_next_holder_when_the_first_sends_nothing() -> None:
     assert all(sim.locals[reader].store.has(c) for c in ids)
     assert stalled in sim.asked              # first in line for some of them
     assert took < 3.0, took                  # HEDGE_AFTER (1 s), not the stall
+
+
+def test_a_write_is_acknowledged_without_a_suspect_target() -> None:
+    sim = Sim(3, 2, 9)
+    writer, stalled, _ = sim.ids
+    sim.suspect.add(stalled)
+    sim.slow[stalled] = 3.0                  # takes pushes, but answers after 3 s
+    ids = write(sim, writer, 40, 9)
+    view = sim.view(writer)
+    assert any(stalled in view.targets(pg_of(c, BITS)) for c in ids)
+    for c in ids:                            # the suspect comes last, after a stand-in
+        chosen = view.write_targets(pg_of(c, BITS))
+        assert len([p for p in chosen if p != stalled]) == 2
+    start = time.monotonic()
+    ok, low = sim.reps[writer].wait_durable(ids, 2, timeout=10)
+    assert ok and low >= 2
+    assert time.monotonic() - start < 2.0
 
 
 def test_fetch_gives_up_on_a_silent_holder_after_its_patience() -> None:
