@@ -35,7 +35,7 @@ def channel_options(max_message: int) -> list[tuple[str, Any]]:
             ("grpc.max_receive_message_length", max_message),
             ("grpc.ssl_target_name_override", SAN),
             # a peer that stops answering but keeps its connection open (suspended, stopped,
-            # its network gone without a reset) is found within about 10 s of silence: a call
+            # its network gone without a reset) is found within 10 s of silence: a call
             # on it fails then instead of waiting out its deadline. Both ends allow the pings
             # however quiet a call is (a Pull that works for minutes sends nothing meanwhile).
             ("grpc.keepalive_time_ms", KEEPALIVE_MS),
