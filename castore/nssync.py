@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,6 +29,8 @@ from castore.store.lmdb import LmdbTxn
 
 log = logging.getLogger(__name__)
 PUSH_BATCH = 1000
+PUSH_BACKLOG = 100_000      # ops waiting for one peer at most; past that they are dropped and
+                            # that peer's pull catches up
 
 
 class OpPeer(Protocol):
@@ -65,6 +68,8 @@ class NamespaceSync:
         self._stop = threading.Event()
         self._known: set[str] = set()
         self._threads: list[threading.Thread] = []
+        self._senders: dict[str, _Sender] = {}
+        self._status_mutex = threading.Lock()
         # called after a snapshot was loaded (it applies no ops, so listeners hear nothing)
         self.on_snapshot: list[Callable[[], None]] = []
         repo.add_listener(self._on_ops)
@@ -80,7 +85,10 @@ class NamespaceSync:
         self._stop.set()
         with self._wake:
             self._wake.notify_all()
-        for t in self._threads:
+        senders = list(self._senders.values())
+        for sender in senders:
+            sender.wake()
+        for t in self._threads + [s.thread for s in senders]:
             t.join(5)
 
     # -- receiving (called by the peer service) -------------------------------------------
@@ -103,15 +111,20 @@ class NamespaceSync:
                     self._wake.wait(1.0)
                 batch, self._queue = self._queue[:PUSH_BATCH], self._queue[PUSH_BATCH:]
             if batch:
-                self._push(batch)
+                for name, peer in self.peers().items():
+                    sender = self._senders.get(name)
+                    if sender is None:
+                        sender = self._senders[name] = _Sender(self, name)
+                    sender.offer(peer, batch)
 
-    def _push(self, batch: list[Op]) -> None:
-        for name, peer in self.peers().items():
-            try:
-                peer.push_ops(batch)
-                self.status.pushed += len(batch)
-            except CastoreError as exc:   # the pull loop of that peer will catch up
-                self.status.errors[name] = str(exc)
+    def _push_to(self, name: str, peer: OpPeer, batch: list[Op]) -> None:
+        try:
+            peer.push_ops(batch)
+        except CastoreError as exc:   # the pull loop of that peer will catch up
+            self.status.errors[name] = str(exc)
+            return
+        with self._status_mutex:
+            self.status.pushed += len(batch)
 
     # -- pulling --------------------------------------------------------------------------
     def _pull_loop(self) -> None:
@@ -170,6 +183,47 @@ class NamespaceSync:
                 fn()
             return len(rows)
         return 0
+
+
+class _Sender:
+    """The ops on their way to one peer, pushed in order by a thread of its own: a peer that
+    stalls holds up no other. A push that fails is not retried (that peer's pull catches
+    up), and neither is a backlog past PUSH_BACKLOG."""
+
+    def __init__(self, sync: NamespaceSync, name: str) -> None:
+        self._sync = sync
+        self._name = name
+        self._peer: OpPeer | None = None
+        self._ops: deque[Op] = deque()
+        self._cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name=f"castore-ns-push-{name[:8]}",
+                                       daemon=True)
+        self.thread.start()
+
+    def offer(self, peer: OpPeer, ops: list[Op]) -> None:
+        with self._cond:
+            self._peer = peer
+            if len(self._ops) + len(ops) > PUSH_BACKLOG:
+                self._ops.clear()
+                self._sync.status.errors[self._name] = "push backlog dropped (it pulls instead)"
+            else:
+                self._ops.extend(ops)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _run(self) -> None:
+        stop = self._sync._stop
+        while not stop.is_set():
+            with self._cond:
+                while not self._ops and not stop.is_set():
+                    self._cond.wait(1.0)
+                batch = [self._ops.popleft() for _ in range(min(PUSH_BATCH, len(self._ops)))]
+                peer = self._peer
+            if batch and peer is not None and not stop.is_set():
+                self._sync._push_to(self._name, peer, batch)
 
 
 @dataclass

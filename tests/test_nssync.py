@@ -3,6 +3,7 @@ vectors after a partition, snapshot bootstrap. (The same loop runs over the peer
 between daemons; see the cluster tests.)"""
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +23,31 @@ class Net:
     def __init__(self) -> None:
         self.syncs: dict[str, NamespaceSync] = {}
         self.cut: set[frozenset[str]] = set()
+        self.stalled: set[str] = set()       # peers whose calls wait until `resumed`
+        self.resumed = threading.Event()
 
     def peers_of(self, me: str):  # type: ignore[no-untyped-def]
         def peers() -> dict[str, LocalOpPeer]:
-            return {n: LocalOpPeer(s.repo, s) for n, s in self.syncs.items()
+            return {n: (Stalled(s, self.resumed) if n in self.stalled else
+                        LocalOpPeer(s.repo, s)) for n, s in self.syncs.items()
                     if n != me and frozenset((me, n)) not in self.cut}
         return peers
+
+
+class Stalled(LocalOpPeer):
+    """A peer that takes calls but answers none until resumed (a suspended machine)."""
+
+    def __init__(self, sync: NamespaceSync, resumed: threading.Event) -> None:
+        super().__init__(sync.repo, sync)
+        self.resumed = resumed
+
+    def push_ops(self, ops: list[Op]) -> int:
+        self.resumed.wait(30)
+        return super().push_ops(ops)
+
+    def pull_ops(self, vv: dict[bytes, int]) -> list[Op]:
+        self.resumed.wait(30)
+        return super().pull_ops(vv)
 
 
 @pytest.fixture
@@ -76,6 +96,21 @@ def test_a_commit_reaches_the_other_peers_at_once(cluster) -> None:  # type: ign
     wait_for(lambda: names(repos["a"]) == names(repos["c"]) == ["moved.txt"], timeout=2.0)
     repos["c"].remove("/moved.txt")
     wait_for(lambda: names(repos["a"]) == names(repos["b"]) == [], timeout=2.0)
+
+
+def test_a_stalled_peer_holds_up_no_other(cluster) -> None:  # type: ignore[no-untyped-def]
+    net, repos = cluster
+    net.stalled.add("b")
+    for s in net.syncs.values():
+        s.start()
+    try:
+        for i in range(3):
+            put(repos["a"], f"/f{i}.txt", b"x")
+            wait_for(lambda: f"f{i}.txt" in names(repos["c"]), timeout=1.0)
+        assert names(repos["b"]) == []
+    finally:
+        net.resumed.set()
+    wait_for(lambda: names(repos["b"]) == names(repos["a"]), timeout=5.0)
 
 
 def test_after_a_partition_heals_every_version_is_kept(cluster) -> None:  # type: ignore[no-untyped-def]
