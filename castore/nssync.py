@@ -1,7 +1,8 @@
 """Namespace sync between peers: every committed local op is pushed at once to the peers
-reachable now; every few seconds, and whenever a peer (re)appears, each peer pulls the ops it
-lacks by comparing version vectors (exact: per origin, the highest contiguous sequence number);
-a peer with an empty namespace first loads a snapshot, then pulls the tail. Ops from clocks too
+reachable now (by one sender per peer); every few seconds, and whenever a peer (re)appears,
+each peer pulls the ops it lacks from every peer at once by comparing version vectors (exact:
+per origin, the highest contiguous sequence number); a peer with an empty namespace first
+loads a snapshot, then pulls the tail. Ops from clocks too
 far ahead are held by the namespace and released here once their time comes. changed_paths
 says which paths of this peer's tree a batch of applied ops changed (the drive drops the
 kernel's caches of those).
@@ -17,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +31,7 @@ from castore.store.lmdb import LmdbTxn
 
 log = logging.getLogger(__name__)
 PUSH_BATCH = 1000
+PULLS_AT_ONCE = 8
 PUSH_BACKLOG = 100_000      # ops waiting for one peer at most; past that they are dropped and
                             # that peer's pull catches up
 
@@ -70,6 +73,8 @@ class NamespaceSync:
         self._threads: list[threading.Thread] = []
         self._senders: dict[str, _Sender] = {}
         self._status_mutex = threading.Lock()
+        # pulls of one round, from every peer at once: a peer that stalls holds up no other
+        self._pullers = ThreadPoolExecutor(PULLS_AT_ONCE, thread_name_prefix="castore-ns-pull")
         # called after a snapshot was loaded (it applies no ops, so listeners hear nothing)
         self.on_snapshot: list[Callable[[], None]] = []
         repo.add_listener(self._on_ops)
@@ -90,6 +95,7 @@ class NamespaceSync:
             sender.wake()
         for t in self._threads + [s.thread for s in senders]:
             t.join(5)
+        self._pullers.shutdown(wait=False, cancel_futures=True)
 
     # -- receiving (called by the peer service) -------------------------------------------
     def receive(self, ops: list[Op]) -> int:
@@ -145,20 +151,12 @@ class NamespaceSync:
         applied = 0
         if peers and not self.repo.version_vector():
             applied += self._bootstrap(peers)
-        for name, peer in peers.items():
-            try:
-                while True:
-                    ops = peer.pull_ops(self.repo.version_vector())
-                    if not ops:
-                        break
-                    n = self.repo.apply_ops(ops)
-                    applied += n
-                    self.status.pulled += n
-                    if n == 0:        # nothing new (e.g. all held): do not spin
-                        break
-                self.status.errors.pop(name, None)
-            except CastoreError as exc:
-                self.status.errors[name] = str(exc)
+        try:
+            pulls = [self._pullers.submit(self._pull_from, name, peer)
+                     for name, peer in peers.items()]
+        except RuntimeError:          # stopped meanwhile
+            return applied
+        applied += sum(f.result() for f in pulls)
         try:
             applied += self.repo.release_held()
             self.status.held = len(self.repo.env.read(self.repo.ns.held))
@@ -166,6 +164,25 @@ class NamespaceSync:
             log.warning("releasing held ops failed: %s", exc)
         self.status.rounds += 1
         self.status.last_round = time.time()
+        return applied
+
+    def _pull_from(self, name: str, peer: OpPeer) -> int:
+        """Pull and apply what peer has and this one lacks; returns how many ops applied."""
+        applied = 0
+        try:
+            while True:
+                ops = peer.pull_ops(self.repo.version_vector())
+                if not ops:
+                    break
+                n = self.repo.apply_ops(ops)
+                applied += n
+                if n == 0:        # nothing new (e.g. all held): do not spin
+                    break
+            self.status.errors.pop(name, None)
+        except CastoreError as exc:
+            self.status.errors[name] = str(exc)
+        with self._status_mutex:
+            self.status.pulled += applied
         return applied
 
     def _bootstrap(self, peers: dict[str, OpPeer]) -> int:

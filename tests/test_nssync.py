@@ -113,6 +113,21 @@ def test_a_stalled_peer_holds_up_no_other(cluster) -> None:  # type: ignore[no-u
     wait_for(lambda: names(repos["b"]) == names(repos["a"]), timeout=5.0)
 
 
+def test_a_stalled_peer_holds_up_no_pull(cluster) -> None:  # type: ignore[no-untyped-def]
+    net, repos = cluster
+    put(repos["a"], "/own.txt", b"a")        # not empty: a pulls rather than bootstraps
+    put(repos["c"], "/f.txt", b"x")
+    net.stalled.add("b")                     # a asks b first
+    round_ = threading.Thread(target=net.syncs["a"].sync_once, daemon=True)
+    round_.start()
+    try:
+        wait_for(lambda: "f.txt" in names(repos["a"]), timeout=1.0)
+        assert round_.is_alive()             # the round still waits for b
+    finally:
+        net.resumed.set()
+    round_.join(10)
+
+
 def test_after_a_partition_heals_every_version_is_kept(cluster) -> None:  # type: ignore[no-untyped-def]
     net, repos = cluster
     put(repos["a"], "/shared.txt", b"v0")
