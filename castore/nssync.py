@@ -2,10 +2,9 @@
 reachable now (by one sender per peer); every few seconds, and whenever a peer (re)appears,
 each peer pulls the ops it lacks from every peer at once by comparing version vectors (exact:
 per origin, the highest contiguous sequence number); a peer with an empty namespace first
-loads a snapshot, then pulls the tail. Ops from clocks too
-far ahead are held by the namespace and released here once their time comes. changed_paths
-says which paths of this peer's tree a batch of applied ops changed (the drive drops the
-kernel's caches of those).
+loads a snapshot, then pulls the tail. Ops from clocks too far ahead are held by the
+namespace and released here once their time comes. changed_paths says which paths of this
+peer's tree a batch of applied ops changed (the drive drops the kernel's caches of those).
 
 Talks to peers only through the OpPeer interface (an adapter in castore.rpc implements it over
 the peer service), so it runs in tests over in-process peers. Must not import grpc or
