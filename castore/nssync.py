@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from castore.errors import CastoreError
+from castore.errors import CastoreError, RepoError
 from castore.ids import ROOT, TRASH, NodeId
 from castore.namespace import conflict_name, entry_undo
 from castore.ops import Kind, Op, OpType
@@ -138,7 +138,10 @@ class NamespaceSync:
             peers = self.peers()
             fresh = set(peers) - self._known
             if fresh or time.monotonic() >= next_round:
-                self.sync_once(peers)
+                try:
+                    self.sync_once(peers)
+                except Exception:  # a bug in one round must not end anti-entropy
+                    log.exception("namespace sync round failed")
                 next_round = time.monotonic() + self.interval
             self._known = set(peers)
             self._stop.wait(min(0.25, self.interval))
@@ -193,7 +196,14 @@ class NamespaceSync:
                 continue
             if not rows:
                 continue
-            self.repo.import_snapshot(rows)
+            try:
+                self.repo.import_snapshot(rows)
+            except RepoError as exc:
+                # ops pushed here (or made here) meanwhile: the namespace is no longer
+                # empty, and the whole log is pulled instead of the snapshot
+                log.info("namespace snapshot from %s not loaded (%s); pulling the log "
+                         "instead", name[:10], exc)
+                return 0
             self.status.bootstrapped_from = name
             for fn in list(self.on_snapshot):
                 fn()

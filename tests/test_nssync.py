@@ -101,8 +101,8 @@ def test_a_commit_reaches_the_other_peers_at_once(cluster) -> None:  # type: ign
 def test_a_stalled_peer_holds_up_no_other(cluster) -> None:  # type: ignore[no-untyped-def]
     net, repos = cluster
     net.stalled.add("b")
-    for s in net.syncs.values():
-        s.start()
+    for n in "ac":                           # b is suspended: its own loops do not run
+        net.syncs[n].start()
     try:
         for i in range(3):
             put(repos["a"], f"/f{i}.txt", b"x")
@@ -110,6 +110,7 @@ def test_a_stalled_peer_holds_up_no_other(cluster) -> None:  # type: ignore[no-u
         assert names(repos["b"]) == []
     finally:
         net.resumed.set()
+    net.syncs["b"].start()
     wait_for(lambda: names(repos["b"]) == names(repos["a"]), timeout=5.0)
 
 
@@ -152,6 +153,30 @@ def test_after_a_partition_heals_every_version_is_kept(cluster) -> None:  # type
     # chunks travel by replication (the cluster's job), so compare content ids here
     ids = {repos["c"].stat("/" + n).content for n in ("shared.txt", copies[0])}
     assert ids == {ChunkId.of(b"from a").hex, ChunkId.of(b"from b").hex}
+
+
+class PushedDuringSnapshot(LocalOpPeer):
+    """A peer whose snapshot is read while one of its ops is pushed to the reader: by the
+    time the snapshot is loaded, the reader's namespace is no longer empty."""
+
+    def __init__(self, sync: NamespaceSync, reader: NamespaceSync) -> None:
+        super().__init__(sync.repo, sync)
+        self.reader = reader
+
+    def snapshot(self) -> Iterator[tuple[str, bytes, bytes]]:
+        rows = list(super().snapshot())
+        self.reader.receive(self.repo.ops_since({})[-1:])
+        return iter(rows)
+
+
+def test_a_push_during_the_bootstrap_falls_back_to_the_log(cluster) -> None:  # type: ignore[no-untyped-def]
+    net, repos = cluster
+    for i in range(20):
+        put(repos["a"], f"/d/f{i}", b"x")
+    b = net.syncs["b"]
+    b.sync_once({"a": PushedDuringSnapshot(net.syncs["a"], b)})
+    assert names(repos["b"], "/d") == names(repos["a"], "/d")
+    assert len(names(repos["b"], "/d")) == 20
 
 
 def test_a_new_peer_bootstraps_from_a_snapshot_then_the_tail(cluster) -> None:  # type: ignore[no-untyped-def]
