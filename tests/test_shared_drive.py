@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import random
 import re
 import signal
 import statistics
@@ -24,6 +23,7 @@ import pytest
 
 from tests import netlab
 from tests.cluster_helpers import CASTORE, Peer, cluster, free_port, join, wait_for
+from tests.daemon_helpers import make_tree
 from tests.fuse_helpers import force_unmount, needs_fuse, run
 
 pytestmark = [needs_fuse]
@@ -230,15 +230,6 @@ def lab_drives(tmp: Path, lab: netlab.NetLab) -> Iterator[list[tuple[Peer, Path]
             force_unmount(str(m))
 
 
-def _tree(root: Path, seed: int) -> None:
-    """A small tree of files in nested directories, a few of them several chunks long."""
-    rng = random.Random(seed)
-    for i in range(40):
-        f = root / f"d{i % 4}" / f"e{i % 3}" / f"f{i}.bin"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(rng.randbytes(rng.choice([0, 100, 5000, 70_000, 3 << 20])))
-
-
 def _same(a: Path, b: Path) -> bool:
     return subprocess.run(["diff", "-r", str(a), str(b)], capture_output=True).returncode == 0
 
@@ -249,7 +240,7 @@ def test_a_stalled_peer_holds_up_no_other_drive(tmp_path: Path) -> None:
     machine): a tree copied into one drive meanwhile shows on another in full, and the
     stalled peer has it once it runs again."""
     src = tmp_path / "src"
-    _tree(src, 7)
+    make_tree(src, 7, n_files=40, big=[3 << 20, 3 << 20], n_symlinks=0)   # diff -r follows links
     with drives(tmp_path, 3) as [(_, ma), (pb, mb), (_, mc)]:
         run(["cp", "-r", src, ma / "before"])
         poll(lambda: _same(src, mc / "before"), 30, "a tree reaches C")
