@@ -1,8 +1,9 @@
 """Namespace sync between peers: every committed local op is pushed at once to the peers
 reachable now (by one sender per peer); every few seconds, and whenever a peer (re)appears,
-each peer pulls the ops it lacks from every peer at once by comparing version vectors (exact:
-per origin, the highest contiguous sequence number); a peer with an empty namespace first
-loads a snapshot, then pulls the tail. Ops from clocks too far ahead are held by the
+each peer pulls the ops it lacks from one peer after another (the next starts when the one
+before answered or after PULL_PATIENCE) by comparing version vectors (exact: per origin, the
+highest contiguous sequence number); a peer with an empty namespace first loads a snapshot,
+then pulls the tail. Ops from clocks too far ahead are held by the
 namespace and released here once their time comes. changed_paths says which paths of this
 peer's tree a batch of applied ops changed (the drive drops the kernel's caches of those).
 
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,7 +31,8 @@ from castore.store.lmdb import LmdbTxn
 
 log = logging.getLogger(__name__)
 PUSH_BATCH = 1000
-PULLS_AT_ONCE = 8
+PULLS_AT_ONCE = 8           # peers pulled from at once at most, when some stall
+PULL_PATIENCE = 1.0         # seconds a round waits on one peer's pull before the next starts
 PUSH_BACKLOG = 100_000      # ops waiting for one peer at most; past that they are dropped and
                             # that peer's pull catches up
 
@@ -72,7 +74,7 @@ class NamespaceSync:
         self._threads: list[threading.Thread] = []
         self._senders: dict[str, _Sender] = {}
         self._status_mutex = threading.Lock()
-        # pulls of one round, from every peer at once: a peer that stalls holds up no other
+        # the pulls of a round: a peer that stalls holds up no other (see sync_once)
         self._pullers = ThreadPoolExecutor(PULLS_AT_ONCE, thread_name_prefix="castore-ns-pull")
         # called after a snapshot was loaded (it applies no ops, so listeners hear nothing)
         self.on_snapshot: list[Callable[[], None]] = []
@@ -89,12 +91,12 @@ class NamespaceSync:
         self._stop.set()
         with self._wake:
             self._wake.notify_all()
+        self._pullers.shutdown(wait=False, cancel_futures=True)     # pulls not yet begun
         senders = list(self._senders.values())
         for sender in senders:
             sender.wake()
         for t in self._threads + [s.thread for s in senders]:
             t.join(5)
-        self._pullers.shutdown(wait=False, cancel_futures=True)
 
     # -- receiving (called by the peer service) -------------------------------------------
     def receive(self, ops: list[Op]) -> int:
@@ -153,12 +155,17 @@ class NamespaceSync:
         applied = 0
         if peers and not self.repo.version_vector():
             applied += self._bootstrap(peers)
+        # one peer after another, so that a pull asks only for what the ones before did not
+        # bring; a peer that does not answer within PULL_PATIENCE is left to finish beside
+        # the next
+        pulls = []
         try:
-            pulls = [self._pullers.submit(self._pull_from, name, peer)
-                     for name, peer in peers.items()]
-        except RuntimeError:          # stopped meanwhile
+            for name, peer in peers.items():
+                pulls.append(self._pullers.submit(self._pull_from, name, peer))
+                wait(pulls[-1:], timeout=PULL_PATIENCE)
+            applied += sum(f.result() for f in pulls)
+        except (RuntimeError, CancelledError):      # stopped meanwhile
             return applied
-        applied += sum(f.result() for f in pulls)
         try:
             applied += self.repo.release_held()
             self.status.held = len(self.repo.env.read(self.repo.ns.held))

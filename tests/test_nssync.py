@@ -118,11 +118,11 @@ def test_a_stalled_peer_holds_up_no_pull(cluster) -> None:  # type: ignore[no-un
     net, repos = cluster
     put(repos["a"], "/own.txt", b"a")        # not empty: a pulls rather than bootstraps
     put(repos["c"], "/f.txt", b"x")
-    net.stalled.add("b")                     # a asks b first
+    net.stalled.add("b")                     # a asks b first, and c after PULL_PATIENCE
     round_ = threading.Thread(target=net.syncs["a"].sync_once, daemon=True)
     round_.start()
     try:
-        wait_for(lambda: "f.txt" in names(repos["a"]), timeout=1.0)
+        wait_for(lambda: "f.txt" in names(repos["a"]), timeout=3.0)
         assert round_.is_alive()             # the round still waits for b
     finally:
         net.resumed.set()
@@ -167,6 +167,30 @@ class PushedDuringSnapshot(LocalOpPeer):
         rows = list(super().snapshot())
         self.reader.receive(self.repo.ops_since({})[-1:])
         return iter(rows)
+
+
+class Counting(LocalOpPeer):
+    """Counts the ops its pulls return."""
+
+    def __init__(self, sync: NamespaceSync) -> None:
+        super().__init__(sync.repo, sync)
+        self.pulled = 0
+
+    def pull_ops(self, vv: dict[bytes, int]) -> list[Op]:
+        ops = super().pull_ops(vv)
+        self.pulled += len(ops)
+        return ops
+
+
+def test_a_round_pulls_each_op_once_from_peers_that_answer(cluster) -> None:  # type: ignore[no-untyped-def]
+    net, repos = cluster
+    put(repos["a"], "/own.txt", b"a")        # not empty: a pulls rather than bootstraps
+    for i in range(30):
+        put(repos["c"], f"/d/f{i}", b"x")
+    first, second = Counting(net.syncs["c"]), Counting(net.syncs["c"])   # both hold them
+    net.syncs["a"].sync_once({"b": first, "c": second})
+    assert len(names(repos["a"], "/d")) == 30
+    assert first.pulled >= 30 and second.pulled == 0
 
 
 def test_a_push_during_the_bootstrap_falls_back_to_the_log(cluster) -> None:  # type: ignore[no-untyped-def]
