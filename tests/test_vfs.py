@@ -347,6 +347,73 @@ def test_an_open_descriptor_keeps_its_version(vfs: Vfs, repo: Repo) -> None:
     vfs.release(h3.fh)
 
 
+def _reopened(vfs: Vfs, path: str) -> int:
+    """A handle of path opened for reading when the kernel keeps its pages (a light one)."""
+    vfs.release(vfs.open(path, os.O_RDONLY).fh)
+    h = vfs.open(path, os.O_RDONLY)
+    assert h.keep_cache and not h.push
+    return h.fh
+
+
+def test_reopening_an_unchanged_file_makes_no_open_state(vfs: Vfs) -> None:
+    """A reader of a file whose pages the kernel keeps usually reads nothing through the
+    drive: its handle gets open state only when a read or an fstat needs it, one state for
+    the handles of that version, and a handle released unused leaves nothing behind."""
+    _write(vfs, "/f", b"0123456789")
+    a, b = _reopened(vfs, "/f"), vfs.open("/f", os.O_RDONLY).fh
+    assert not vfs._open and vfs._handles[a].of is None and vfs._handles[b].of is None
+    assert vfs.getattr(None, a).size == 10
+    assert vfs._handles[a].of is vfs._handles[b].of is not None
+    assert vfs.read(b, 2, 3) == b"234"
+    vfs.release(a)
+    vfs.release(b)
+    c = vfs.open("/f", os.O_RDONLY).fh
+    vfs.release(c)
+    assert not vfs._open and not vfs._handles and not vfs._light
+
+
+def test_a_handle_without_open_state_keeps_its_version(vfs: Vfs, repo: Repo) -> None:
+    _write(vfs, "/doc", b"old")
+    fh = _reopened(vfs, "/doc")
+    list(repo.ingest([IngestItem("/doc", Kind.FILE, data=b"new text")]))
+    h2 = vfs.open("/doc", os.O_RDONLY)
+    assert not h2.keep_cache
+    assert vfs.read(fh, 0, 100) == b"old"
+    assert vfs.read(h2.fh, 0, 100) == b"new text"
+    vfs.release(fh)
+    vfs.release(h2.fh)
+
+
+def test_a_writer_shares_its_state_with_readers_of_that_version(vfs: Vfs) -> None:
+    """As with readers that opened with state: a reader sees what a writer on this peer
+    wrote to the same file, before and after the writer's close."""
+    _write(vfs, "/f", b"0123456789")
+    for write_first in (False, True):
+        r = _reopened(vfs, "/f")
+        w = vfs.open("/f", os.O_RDWR)
+        vfs.write(w.fh, 0, b"AB" if write_first else b"ab")
+        if write_first:
+            assert vfs.read(r, 0, 100) == b"AB23456789"
+        vfs.flush(w.fh)
+        vfs.release(w.fh)
+        vfs.settle()
+        assert vfs.read(r, 0, 100) == (b"AB23456789" if write_first else b"ab23456789")
+        vfs.release(r)
+
+
+def test_unlinking_a_file_open_without_state_hides_it(vfs: Vfs) -> None:
+    vfs.mkdir("/d")
+    _write(vfs, "/d/f", b"data")
+    fh = _reopened(vfs, "/d/f")
+    vfs.rename("/d/f", "/d" + HIDDEN)                   # what libfuse does on unlink
+    assert vfs.readdir("/d") == []                      # hidden, not renamed
+    assert vfs.read(fh, 0, 100) == b"data"
+    assert vfs.getattr("/d" + HIDDEN).nlink == 0
+    vfs.release(fh)
+    vfs.unlink("/d" + HIDDEN)
+    vfs.rmdir("/d")
+
+
 def test_a_file_written_in_pieces_that_split_pages_is_read_anew(vfs: Vfs) -> None:
     """The kernel keeps the pages that single writes through a handle open for reading too
     filled whole. A file written in pieces that split pages drops them at its next open (it
@@ -372,9 +439,10 @@ def test_a_file_written_in_pieces_that_split_pages_is_read_anew(vfs: Vfs) -> Non
 
 def test_what_an_open_may_hand_the_kernel(vfs: Vfs, repo: Repo) -> None:
     """push says the kernel holds none of the opened version (until it was handed or read
-    it). whole() gives the bytes only while the handle is the file's one
-    and the file has no unsaved writes. A write-only handle writes around the page cache:
-    the kernel holds none of what it wrote but what readers read since, which it may keep."""
+    it). whole() gives the bytes only while no other handle shares the handle's open state
+    and the file has no unsaved writes (readers of one version without open state share
+    nothing). A write-only handle writes around the page cache: the kernel holds none of
+    what it wrote but what readers read since, which it may keep."""
     data = os.urandom(3 * 4096 + 100)
     list(repo.ingest([IngestItem("/api", Kind.FILE, data=data)]))
     h = vfs.open("/api", os.O_RDONLY)
@@ -383,6 +451,8 @@ def test_what_an_open_may_hand_the_kernel(vfs: Vfs, repo: Repo) -> None:
     assert vfs.whole(h.fh, len(data)) == data
     h2 = vfs.open("/api", os.O_RDONLY)
     assert (h2.keep_cache, h2.push) == (True, False)
+    assert vfs.alone(h.fh) and vfs.alone(h2.fh)
+    assert vfs.read(h2.fh, 0, 10) == data[:10]                # open state, for both
     assert vfs.whole(h2.fh, len(data)) is None and not vfs.alone(h2.fh)
     vfs.release(h.fh)
     assert vfs.alone(h2.fh)

@@ -73,6 +73,8 @@ class VfsCore:
         self._pending: dict[tuple[NodeId, bytes], OpenFile] = {}
         self._hidden: dict[bytes, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
+        # light handles (types.Light) by node, then handle number; registry held
+        self._light: dict[NodeId, dict[int, Handle]] = {}
         self._fhs = itertools.count(1)
         self._kernel: OrderedDict[NodeId, bytes | None] = OrderedDict()
         # versions written here around the page cache: the kernel may hold none of them
@@ -193,10 +195,23 @@ class VfsCore:
         return not self._renames and time.monotonic() - self._renamed_at >= RENAMED_QUIET
 
     def _handle(self, fh: int) -> Handle:
+        """The handle fh, with its open state (made now for a light handle)."""
         h = self._handles.get(fh)
         if h is None:
             raise InvalidNameError(f"no open file with handle {fh}")
+        if h.of is None:
+            self._materialize(h)
         return h
+
+    def _state(self, fh: int) -> OpenFile:
+        """The open state of handle fh."""
+        of = self._handle(fh).of
+        assert of is not None
+        return of
+
+    def _materialize(self, h: Handle) -> None:
+        """Give a light handle its open state (FileHandleOps)."""
+        raise NotImplementedError
 
     def _resolve(self, txn: LmdbTxn, path: str | bytes, txn_id: int = 0,
                  missing_ok: bool = False) -> Target:
@@ -301,7 +316,11 @@ class VfsCore:
         if fh is not None and (path is None or fh in self._handles):
             h = self._handles.get(fh)
             if h is not None:
-                of, nid = h.of, h.of.node
+                if h.of is None:
+                    self._materialize(h)
+                of = h.of
+                assert of is not None
+                nid = of.node
                 node = self._overlay(self._env.read(lambda t: self._ns.get(t, nid))) \
                     if nid is not None else None
                 return Attr(Kind.FILE, of.mode, of.size, of.mtime_ns, 0 if of.unlinked else 1,

@@ -173,6 +173,8 @@ class NamespaceEdits(FileHandleOps):
         open here, so the rename is an ordinary one."""
         target = self._env.read(lambda t: self._resolve(t, src))
         of = target.of
+        if of is None and target.node is not None and target.version is None:
+            of = self._light_state(target.node.id)
         if of is None or of.handles == 0 or target.version is not None:
             return False
         node = target.node

@@ -14,13 +14,13 @@ from castore.files import EMPTY, EMPTY_REF, content_id
 from castore.ids import ChunkId, NodeId
 from castore import journal
 from castore.journal import Intent
-from castore.ops import Kind, Node
+from castore.ops import Kind, Node, Version
 from castore.store.lmdb import LmdbTxn
 from castore.vfs.committer import AttrChange, Closing
 from castore.vfs.core import VfsCore
 from castore.vfs.openfile import OpenFile
-from castore.vfs.readcache import DeadlineError
-from castore.vfs.types import (KERNEL_VERSIONS, Handle, NotPermittedError, Opened,
+from castore.vfs.readcache import DeadlineError, read_once
+from castore.vfs.types import (KERNEL_VERSIONS, Handle, Light, NotPermittedError, Opened,
                                head_of)
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class FileHandleOps(VfsCore):
     def close(self) -> None:
         """Commit what open files still hold, and stop the worker threads."""
         self._committer.close()
-        for of in {id(h.of): h.of for h in list(self._handles.values())}.values():
+        for of in {id(h.of): h.of for h in list(self._handles.values())
+                   if h.of is not None}.values():
             try:
                 self._commit(of)
             except CastoreError as exc:
@@ -106,13 +107,13 @@ class FileHandleOps(VfsCore):
         return opened
 
     def _open_stable(self, path: str | bytes, writable: bool, flags: int
-                     ) -> tuple[Opened, OpenFile]:
+                     ) -> tuple[Opened, OpenFile | None]:
         """_open_in, again when a group of closes landed between its snapshot of the store
         and its look at the open files (see _stable)."""
         for _ in range(20):
             snap = 0
 
-            def run(t: LmdbTxn) -> tuple[Opened, OpenFile]:
+            def run(t: LmdbTxn) -> tuple[Opened, OpenFile | None]:
                 nonlocal snap
                 snap = t.txn_id()
                 return self._open_in(t, path, writable, flags, snap)
@@ -127,9 +128,10 @@ class FileHandleOps(VfsCore):
         return self._env.read(lambda t: self._open_in(t, path, writable, flags))
 
     def _open_in(self, txn: LmdbTxn, path: str | bytes, writable: bool, flags: int,
-                 txn_id: int = 0) -> tuple[Opened, OpenFile]:
+                 txn_id: int = 0) -> tuple[Opened, OpenFile | None]:
         """txn_id: the snapshot's id, to check (once the open files can no longer change)
-        that no commit it predates has started to change them."""
+        that no commit it predates has started to change them. The open state is None for
+        a light handle (_light_handle)."""
         target = self._resolve(txn, path, txn_id)
         node = target.node
         if node is not None and node.kind == Kind.DIR:
@@ -150,6 +152,9 @@ class FileHandleOps(VfsCore):
                     of = self._pending.get((target.parent.id, target.name))
             head = head_of(node, target.version)
             head_key = head.key if head is not None else None
+            if of is None and not writable and not flags & os.O_TRUNC and node is not None \
+                    and head is not None and target.version is None:
+                return self._light_handle(node, head), None
             if of is None or (not of.dirty and of.node is not None and
                               of.base_key != head_key):
                 assert node is not None
@@ -160,6 +165,7 @@ class FileHandleOps(VfsCore):
                               *self._mode_mtime(node))
                 if target.version is None:
                     self._open[node.id] = of
+                    self._attach_light(of)
             opened = self._new_handle(of, flags)
             keep, push = True, False
             if of.node is not None and not of.dirty:
@@ -167,6 +173,84 @@ class FileHandleOps(VfsCore):
                 push = not keep or self._unfilled.pop(of.node, None) == of.base_key
                 self._remember(of.node, of.base_key)
             return Opened(opened.fh, keep, push, opened.direct), of
+
+    def _light_handle(self, node: Node, head: Version) -> Opened:
+        """Registry held. A handle for reading a committed version, with no open state yet:
+        its reader usually finds every page in the kernel's cache (kept from an earlier
+        open, or handed over whole at this one: whole()), and then no request but the
+        RELEASE comes for it. The state is made when a READ, an fstat, or an unlink of the
+        open file needs it (_materialize), or when the file is opened with state at this
+        version (_attach_light), so that handles share it as they would have."""
+        fh = next(self._fhs)
+        h = Handle(None, False, False, Light(node, head.key, bytes(head.manifest), head.size))
+        self._handles[fh] = h
+        self._light.setdefault(node.id, {})[fh] = h
+        keep = self._kernel.get(node.id) == head.key
+        push = not keep or self._unfilled.pop(node.id, None) == head.key
+        self._remember(node.id, head.key)
+        return Opened(fh, keep, push)
+
+    def _attach_light(self, of: OpenFile) -> None:
+        """Registry held: the light handles of of's file and version share of from now on."""
+        held = self._light.get(of.node) if of.node is not None else None
+        if not held:
+            return
+        for fh, h in list(held.items()):
+            if h.light is not None and h.light.key == of.base_key:
+                del held[fh]
+                h.of, h.light = of, None
+                of.handles += 1
+        if not held and of.node is not None:
+            del self._light[of.node]
+
+    def _materialize(self, h: Handle) -> None:
+        """The open state of a light handle: the file's registered one at that version, or
+        a new one (registered when the file has none), shared with the other light handles
+        of that version. InvalidNameError if the handle was released meanwhile."""
+        light = h.light
+        if light is None:
+            if h.of is None:
+                raise InvalidNameError("the file handle was closed")
+            return
+        manifest = self._env.read(
+            lambda t: self._files.manifest_for(t, light.ref, light.size))
+        mode, mtime = self._mode_mtime(light.node)
+        nid = light.node.id
+        with self._registry():
+            if h.of is not None:
+                return
+            if h.light is None:
+                raise InvalidNameError("the file handle was closed")
+            of = self._open.get(nid)
+            if of is None or of.base_key != light.key:
+                of = OpenFile(self._svc, nid, manifest, light.key, light.ref, mode, mtime)
+                self._open.setdefault(nid, of)
+            self._attach_light(of)
+
+    def _light_state(self, nid: NodeId) -> OpenFile | None:
+        """The open state of a light handle of the file nid (made now), or None if it has
+        none: libfuse hides a file unlinked while open, and the name it hides it under
+        stands for that state (NamespaceEdits._hide)."""
+        with self._registry():
+            held = next(iter(self._light.get(nid, {}).values()), None)
+        if held is None:
+            return None
+        try:
+            self._materialize(held)
+        except InvalidNameError:            # released meanwhile
+            return None
+        return held.of
+
+    def _drop_light(self, fh: int, h: Handle) -> None:
+        """Registry held: release a light handle."""
+        light, h.light = h.light, None
+        if light is None:
+            return
+        held = self._light.get(light.node.id)
+        if held is not None:
+            held.pop(fh, None)
+            if not held:
+                del self._light[light.node.id]
 
     def _mode_mtime(self, node: Node) -> tuple[int, int]:
         shown = self._overlay(node)
@@ -186,7 +270,21 @@ class FileHandleOps(VfsCore):
         unsaved writes, other handles, more than limit bytes or none, a rename through the
         drive is under way or just ended (_renaming), or a chunk cannot be read here now
         (the READ then says why)."""
-        of = self._handle(fh).of
+        h = self._handles.get(fh)
+        light = h.light if h is not None and h.of is None else None
+        if light is not None:
+            if not 0 < light.size <= limit or not self._names_settled():
+                return None
+            self._first_read()
+            buf = bytearray(light.size)
+            try:
+                manifest = self._env.read(
+                    lambda t: self._files.manifest_for(t, light.ref, light.size))
+                n = read_once(manifest, self._svc.source, 0, memoryview(buf))
+            except CastoreError:
+                return None
+            return buf if n == len(buf) else None
+        of = self._state(fh)
         if of.dirty or of.node is None or of.handles != 1 or not 0 < of.size <= limit or \
                 not self._names_settled():
             return None
@@ -204,8 +302,12 @@ class FileHandleOps(VfsCore):
         """Nothing else opened this handle's file, and it has no unsaved writes (the pages
         pushed for it are still its content)."""
         with self._registry():
-            of = self._handle(fh).of
-            return of.handles == 1 and not of.dirty
+            h = self._handles.get(fh)
+            if h is None:
+                raise InvalidNameError(f"no open file with handle {fh}")
+            if h.of is None:                # a writer of this version would have shared it
+                return True
+            return h.of.handles == 1 and not h.of.dirty
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         buf = bytearray(size)
@@ -214,7 +316,7 @@ class FileHandleOps(VfsCore):
 
     def read_into(self, fh: int, offset: int, dest: memoryview) -> int:
         """Fill dest from offset; returns the byte count (less only at the end of file)."""
-        of = self._handle(fh).of
+        of = self._state(fh)
         if not of.read_started:
             of.read_started = True
             self._first_read()
@@ -224,6 +326,7 @@ class FileHandleOps(VfsCore):
         """Write through an open handle; data is only read during the call."""
         h = self._handle(fh)
         self._changed()
+        assert h.of is not None
         return h.of.write(None if h.append else offset, data)
 
     def truncate(self, path: str | bytes | None, length: int, fh: int | None = None) -> None:
@@ -231,13 +334,13 @@ class FileHandleOps(VfsCore):
             raise InvalidNameError("a negative length")
         self._changed()
         if fh is not None and fh in self._handles:
-            self._handles[fh].of.truncate(length)
+            self._state(fh).truncate(length)
             return
         if path is None:
             raise PathNotFoundError("no path and no open file")
         opened = self.open(path, os.O_WRONLY)
         try:
-            self._handles[opened.fh].of.truncate(length)
+            self._state(opened.fh).truncate(length)
             self.flush(opened.fh)
         finally:
             self.release(opened.fh)
@@ -245,12 +348,12 @@ class FileHandleOps(VfsCore):
     def flush(self, fh: int) -> None:
         """close() of a descriptor: what was written is in the close journal on return (it
         survives the daemon being killed) and committed with the next group."""
-        self._commit(self._handle(fh).of, wait=False)
+        self._commit(self._state(fh), wait=False)
 
     def fsync(self, fh: int) -> None:
         """Commit durably, and in a cluster also wait until the content is on W peers
         (DESIGN.md section 5); DeadlineError if that is not confirmed within FSYNC_TIMEOUT."""
-        of = self._handle(fh).of
+        of = self._state(fh)
         self._commit(of)
         if of.node is not None and of.node in self._attrs_pending:
             self.settle()                   # its attribute changes too
@@ -267,6 +370,11 @@ class FileHandleOps(VfsCore):
         h = self._handles.pop(fh, None)
         if h is None:
             return
+        if h.of is None:
+            with self._registry():
+                if h.of is None:
+                    self._drop_light(fh, h)
+                    return
         of = h.of
         try:
             # a clean file has nothing to commit, and with no other handle nothing can

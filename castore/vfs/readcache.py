@@ -158,16 +158,8 @@ class ChunkReader:
                 j += 1
 
     def read_once(self, offset: int, dest: memoryview) -> int:
-        """read_into for bytes read only once (a small file handed whole to the kernel):
-        each chunk verified and copied in one step, nothing kept, nothing read ahead."""
-        m = self.manifest
-        end = min(offset + len(dest), m.size)
-        if end <= offset:
-            return 0
-        for i in range(m.locate(offset), m.locate(end - 1) + 1):
-            lo, hi = max(offset, m.offsets[i]), min(end, m.offsets[i] + m.lengths[i])
-            self._source.fill(m.chunks[i], lo - m.offsets[i], dest[lo - offset:hi - offset])
-        return end - offset
+        """read_into for bytes read only once (read_once below)."""
+        return read_once(self.manifest, self._source, offset, dest)
 
     def read_into(self, offset: int, dest: memoryview) -> int:
         """Copy the bytes at offset into dest; returns how many (short only at the end)."""
@@ -194,3 +186,16 @@ class ChunkReader:
             self._after_read(i)
             i += 1
         return done
+
+
+def read_once(m: Manifest, source: ChunkSource, offset: int, dest: memoryview) -> int:
+    """Copy the bytes of m at offset into dest for a reader that reads them only once (a
+    small file handed whole to the kernel): each chunk verified and copied in one step,
+    nothing kept, nothing read ahead. Returns how many (short only at the end)."""
+    end = min(offset + len(dest), m.size)
+    if end <= offset:
+        return 0
+    for i in range(m.locate(offset), m.locate(end - 1) + 1):
+        lo, hi = max(offset, m.offsets[i]), min(end, m.offsets[i] + m.lengths[i])
+        source.fill(m.chunks[i], lo - m.offsets[i], dest[lo - offset:hi - offset])
+    return end - offset

@@ -65,11 +65,26 @@ class Opened:
     direct: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Light:
+    """The version a handle opened without open state of its own (Vfs.open: a reader of a
+    file whose pages the kernel keeps usually reads nothing through the drive)."""
+
+    node: Node
+    key: bytes
+    ref: bytes                   # the version's manifest reference
+    size: int
+
+
 @dataclass(slots=True)
 class Handle:
-    of: OpenFile
+    """An open file handle. of is None while the handle is light: its open state is made
+    (VfsCore._handle) only when something needs it."""
+
+    of: OpenFile | None
     writable: bool
     append: bool
+    light: Light | None = None
 
 
 @dataclass(slots=True)
