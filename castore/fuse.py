@@ -598,17 +598,21 @@ class _Notify:
                 return False
             return int(self._path(ptr, path)) == 0
 
-    def store(self, path: bytes, offset: int, data: bytearray) -> bool:
+    def store(self, path: bytes, offset: int, data: bytes | bytearray) -> bool:
         """Put data into the kernel's page cache of the file at path (a path the kernel
         holds, on this mount) at offset. Safe inside an operation on that file other than
         READ (which holds the page locks this waits for)."""
         nid = node_id(path)
         if nid is None:
             return False
-        first = ctypes.c_char.from_buffer(data)  # its address; holds data still meanwhile
+        # its address, not a copy (bytes are not writable: c_char_p points into them)
+        if isinstance(data, bytearray):
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(data))
+        else:
+            addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
         vec = _FuseBufvec(1, 0, 0)
         vec.buf[0].size = len(data)
-        vec.buf[0].mem = ctypes.addressof(first)
+        vec.buf[0].mem = addr
         vec.buf[0].fd = -1
         with self._mutex:
             ptr = self._ops._fuse_ptr

@@ -24,8 +24,8 @@ from castore.errors import (ExistsError, InvalidNameError, IsDirectoryError, Not
                             NotEmptyError, PathNotFoundError)
 from castore.hlc import HybridClock, physical_ms
 from castore.ids import ROOT, TRASH, NodeId
-from castore.ops import (Attrs, Kind, Node, Op, OpType, Version, check_name, key_ts, op_key,
-                         split_path)
+from castore.ops import (Attrs, Kind, Node, Op, OpType, Version, check_name, key_ts, kind_of,
+                         op_key, split_path)
 from castore.store import KvTxn
 
 __all__ = ["Attrs", "Kind", "Namespace", "Node", "Op", "OpType", "Version", "ViewEntry",
@@ -173,7 +173,7 @@ class Namespace:
         pending: tuple[bytes, bytes, NodeId, Kind] | None = None
         for key, value in txn.scan("dirents", parent.raw):
             name, nid = key[16:-17], NodeId(key[-16:])
-            cand = (name, bytes(value[1:25]), nid, Kind(value[0]))
+            cand = (name, bytes(value[1:25]), nid, kind_of(value[0]))
             if pending is not None and pending[0] != name:
                 yield pending[0], pending[2], pending[3]
                 pending = None
@@ -189,7 +189,7 @@ class Namespace:
         groups: dict[bytes, list[tuple[bytes, NodeId, Kind]]] = {}
         for key, value in txn.scan("dirents", parent.raw):
             groups.setdefault(key[16:-17], []).append(
-                (bytes(value[1:25]), NodeId(key[-16:]), Kind(value[0])))
+                (bytes(value[1:25]), NodeId(key[-16:]), kind_of(value[0])))
         out: list[ViewEntry] = []
         for name, cands in groups.items():
             cands.sort(reverse=True)

@@ -36,6 +36,16 @@ class Kind(IntEnum):
     SYMLINK = 3
 
 
+_KINDS = {k.value: k for k in Kind}
+
+
+def kind_of(value: int) -> Kind:
+    """Kind(value), without the enum machinery's cost for the known ones (namespace scans
+    decode one per entry); ValueError for an unknown one."""
+    k = _KINDS.get(value)
+    return k if k is not None else Kind(value)
+
+
 class OpType(IntEnum):
     MOVE = 1        # may also carry a first version (create-with-content)
     CONTENT = 2
@@ -250,5 +260,5 @@ class Node:
             pos += _VERSION.size
             heads.append(Version(key, buf[pos:pos + mlen], size))
             pos += mlen
-        return cls(nid, Kind(kind), NodeId(parent) if placed else None, name,
+        return cls(nid, kind_of(kind), NodeId(parent) if placed else None, name,
                    move_key if move_key != _ZERO24 else b"", attrs, heads)

@@ -61,7 +61,7 @@ class VfsCore:
         self.started_ns = time.time_ns()
         self._read_pool = ThreadPoolExecutor(3, thread_name_prefix="castore-vfs-read")
         self._write_pool = ThreadPoolExecutor(3, thread_name_prefix="castore-vfs-write")
-        source = StoreSource(self._store, self._read_chunk)
+        source = self._source = StoreSource(self._store, self._read_chunk)
         self._svc = FileServices(
             source=source, read_pool=self._read_pool,
             budget=Budget(),

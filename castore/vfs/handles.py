@@ -263,7 +263,7 @@ class FileHandleOps(VfsCore):
         while len(self._kernel) > KERNEL_VERSIONS:
             self._kernel.popitem(last=False)
 
-    def whole(self, fh: int, limit: int) -> bytearray | None:
+    def whole(self, fh: int, limit: int) -> bytes | bytearray | None:
         """The content of a file just opened, for the kernel's page cache (castore.fuse: a
         small file handed over at open spares its reader the READ, and the GETATTR that
         follows every READ). None when that would not be safe or cheap: the file has
@@ -276,6 +276,13 @@ class FileHandleOps(VfsCore):
             if not 0 < light.size <= limit or not self._names_settled():
                 return None
             self._first_read()
+            try:
+                return self._env.read(lambda t: self._source.whole_in(
+                    t, self._files.manifest_for(t, light.ref, light.size)))
+            except ChunkNotFoundError:
+                pass                        # read_once fetches what is not held here
+            except CastoreError:
+                return None
             buf = bytearray(light.size)
             try:
                 manifest = self._env.read(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from castore import codec
 from castore.errors import IntegrityError
+from castore.files import Manifest
 from castore.ids import ChunkId
 from castore.store.lmdb import LmdbStore, LmdbTxn
 from castore.store.memory import verify
@@ -48,6 +49,27 @@ class StoreSource:
             dest[:n] = view[offset:offset + n]
             return n
         return self._read(run, cid)  # type: ignore[return-value]
+
+    def whole_in(self, txn: LmdbTxn, m: Manifest) -> bytes | bytearray:
+        """All of m's bytes, each chunk verified, read in txn: ChunkNotFoundError for a chunk
+        not held here (fill fetches it). A file of one chunk comes as the chunk's bytes."""
+        if len(m.chunks) == 1:
+            tag, raw_len, view = self._store.view_in(txn, m.chunks[0])
+            data = view if tag == codec.RAW else codec.decode(tag, view, raw_len)
+            verify(m.chunks[0], data)
+            if len(data) != m.size:
+                raise IntegrityError(f"chunk {m.chunks[0]} is not as long as its file says")
+            return bytes(data) if isinstance(data, memoryview) else data
+        buf = bytearray(m.size)
+        dest = memoryview(buf)
+        for cid, offset, n in zip(m.chunks, m.offsets, m.lengths):
+            tag, raw_len, view = self._store.view_in(txn, cid)
+            data = view if tag == codec.RAW else codec.decode(tag, view, raw_len)
+            verify(cid, data)
+            if len(data) < n:
+                raise IntegrityError(f"chunk {cid} is shorter than its file says")
+            dest[offset:offset + n] = memoryview(data)[:n]
+        return buf
 
     def fill(self, cid: ChunkId, offset: int, dest: memoryview) -> None:
         def run(t: LmdbTxn) -> None:
