@@ -309,6 +309,32 @@ def test_close_to_open(mounted: Drive, here: Path, tmp_path: Path) -> None:
     assert p.read_bytes() == b"the NEW text, longer"
 
 
+def test_a_reader_served_from_the_page_cache_keeps_its_version(mounted: Drive, here: Path,
+                                                                tmp_path: Path) -> None:
+    """A file the kernel holds is opened with no open state in the daemon: when its pages go
+    (fadvise here) the reads still get the version it opened, not the one committed since;
+    unlinked while open, it leaves no name behind in the namespace."""
+    p = here / "doc.txt"
+    old = b"version one\n" * 1000
+    p.write_bytes(old)
+    assert p.read_bytes() == old                            # the kernel keeps its pages now
+    time.sleep(0.3)     # the RELEASEs of those closes reach the daemon after close returns
+    rel_dir = "/" + str(here.relative_to(mounted.mnt))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        (tmp_path / "doc.txt").write_bytes(b"version two\n" * 2000)   # longer: the kernel
+        # holds one size per file, and would cut reads of the old version to a shorter one
+        castore("add", "-q", tmp_path / "doc.txt", "--to", rel_dir, home=mounted.home)
+        os.unlink(p)
+        assert os.fstat(fd).st_nlink == 0
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(fd, len(old) + 10, 0) == old
+        names = json.loads(castore("ls", "--json", rel_dir, home=mounted.home).stdout)
+        assert names == [] and os.listdir(here) == []
+    finally:
+        os.close(fd)
+
+
 def test_client_api_changes_show_on_the_mount_at_once(mounted: Drive, here: Path,
                                                        tmp_path: Path) -> None:
     """The kernel keeps attributes and names for 10 s; a change made through the daemon's API
