@@ -267,9 +267,10 @@ class FileHandleOps(VfsCore):
         """The content of a file just opened, for the kernel's page cache (castore.fuse: a
         small file handed over at open spares its reader the READ, and the GETATTR that
         follows every READ). None when that would not be safe or cheap: the file has
-        unsaved writes, other handles, more than limit bytes or none, a rename through the
-        drive is under way or just ended (_renaming), or a chunk cannot be read here now
-        (the READ then says why)."""
+        unsaved writes, other handles sharing this one's open state, more than limit bytes
+        or none, a rename through the drive is under way or just ended (_renaming), or a
+        chunk cannot be read here now (the READ then says why). A handle without open
+        state (_light_handle) is read from its version's manifest, in one transaction."""
         h = self._handles.get(fh)
         light = h.light if h is not None and h.of is None else None
         if light is not None:
