@@ -17,6 +17,7 @@ import pytest
 
 from castore import chunking, codec, files
 from castore.errors import ExistsError, IntegrityError, NotEmptyError, PathNotFoundError
+from castore.ids import ChunkId
 from castore.namespace import Namespace
 from castore.ops import Kind
 from castore.repo import IngestItem, Repo
@@ -382,6 +383,31 @@ def test_a_handle_without_open_state_keeps_its_version(vfs: Vfs, repo: Repo) -> 
     assert vfs.read(h2.fh, 0, 100) == b"new text"
     vfs.release(fh)
     vfs.release(h2.fh)
+
+
+def test_a_handle_without_state_fetches_a_manifest_this_peer_lacks(vfs: Vfs,
+                                                                    repo: Repo) -> None:
+    """In a cluster a file's manifest is held by some peers only: a reader's handle fetches
+    it when its state is made, as an open with state does."""
+    data = os.urandom(3 << 20)                          # several chunks: a manifest
+    list(repo.ingest([IngestItem("/big", Kind.FILE, data=data)]))
+    fh = _reopened(vfs, "/big")
+    ref = repo.store.env.read(lambda t: repo.ns.resolve(t, "/big").heads[-1].manifest)
+    assert len(ref) == 32
+    body = repo.store.env.read(lambda t: bytes(t.get("manifests", ref)))
+    repo.store.env.write(lambda t: t.put("manifests", ref, body[:4]))     # its count only
+    fetched: list[ChunkId] = []
+
+    def fetch(ids: list[ChunkId]) -> None:
+        fetched.extend(ids)
+        repo.store.env.write(lambda t: t.put("manifests", ref, body))
+    repo.fetch = fetch
+    try:
+        assert vfs.read(fh, 0, len(data)) == data
+    finally:
+        repo.fetch = None
+        vfs.release(fh)
+    assert fetched == [ChunkId(bytes(ref))]
 
 
 def test_a_writer_shares_its_state_with_readers_of_that_version(vfs: Vfs) -> None:

@@ -10,7 +10,7 @@ import time
 
 from castore.errors import (CastoreError, ChunkNotFoundError, ExistsError, InvalidNameError,
                             IsDirectoryError, PathNotFoundError)
-from castore.files import EMPTY, EMPTY_REF, content_id
+from castore.files import EMPTY, EMPTY_REF, Manifest, content_id
 from castore.ids import ChunkId, NodeId
 from castore import journal
 from castore.journal import Intent
@@ -212,8 +212,7 @@ class FileHandleOps(VfsCore):
             if h.of is None:
                 raise InvalidNameError("the file handle was closed")
             return
-        manifest = self._env.read(
-            lambda t: self._files.manifest_for(t, light.ref, light.size))
+        manifest = self._light_manifest(light)
         mode, mtime = self._mode_mtime(light.node)
         nid = light.node.id
         with self._registry():
@@ -240,6 +239,17 @@ class FileHandleOps(VfsCore):
         except InvalidNameError:            # released meanwhile
             return None
         return held.of
+
+    def _light_manifest(self, light: Light) -> Manifest:
+        """The manifest of a light handle's version; in cluster mode fetched first when this
+        peer does not hold it (as open does for a handle with state)."""
+        try:
+            return self._env.read(lambda t: self._files.manifest_for(t, light.ref, light.size))
+        except ChunkNotFoundError:
+            if self.repo.fetch is None:
+                raise
+        self.repo.fetch([ChunkId(light.ref[-32:])])
+        return self._env.read(lambda t: self._files.manifest_for(t, light.ref, light.size))
 
     def _drop_light(self, fh: int, h: Handle) -> None:
         """Registry held: release a light handle."""
@@ -286,8 +296,7 @@ class FileHandleOps(VfsCore):
                 return None
             buf = bytearray(light.size)
             try:
-                manifest = self._env.read(
-                    lambda t: self._files.manifest_for(t, light.ref, light.size))
+                manifest = self._light_manifest(light)
                 n = read_once(manifest, self._svc.source, 0, memoryview(buf))
             except CastoreError:
                 return None
