@@ -139,7 +139,7 @@ def test_a_signal_mid_run_stops_every_process_and_mount(tmp_path: Path, sig: int
     assert "interrupted" in drain.text()
     assert "Traceback" not in drain.text()
     assert_clean(tmp_path)
-    assert not (out / "work").exists()
+    assert not (out / "work").exists(), drain.text()
 
 
 def _result(values: dict[str, float]) -> dict[str, Any]:
