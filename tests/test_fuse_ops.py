@@ -11,6 +11,7 @@ import mmap
 import os
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -333,6 +334,46 @@ def test_a_reader_served_from_the_page_cache_keeps_its_version(mounted: Drive, h
         assert names == [] and os.listdir(here) == []
     finally:
         os.close(fd)
+
+
+def test_readers_see_whole_versions_while_a_writer_replaces_the_file(here: Path) -> None:
+    """The editor's save (write a new file, rename it over the old one) while other threads
+    open and read the file again and again: each read gets one whole version, and the
+    versions replaced while open leave no hidden name behind."""
+    versions = [bytes([65 + i]) * (20_000 + 997 * i) for i in range(6)] + \
+        [os.urandom(PUSH_LIMIT + 100_000), b""]
+    known = set(versions)
+    p = here / "f"
+    p.write_bytes(versions[0])
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                data = p.read_bytes()
+            except OSError as exc:
+                bad.append(repr(exc))
+                return
+            if data not in known:
+                bad.append(f"{len(data)} bytes of no version")
+                return
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        for i in range(80):
+            tmp = here / f"f.tmp{i}"
+            tmp.write_bytes(versions[i % len(versions)])
+            os.rename(tmp, p)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(60)
+    assert not bad, bad[:5]
+    assert os.listdir(here) == ["f"]
+    assert p.read_bytes() == versions[79 % len(versions)]
 
 
 def test_client_api_changes_show_on_the_mount_at_once(mounted: Drive, here: Path,

@@ -23,7 +23,7 @@ from castore.ops import Kind
 from castore.repo import IngestItem, Repo
 from castore.vfs import (AccessDeniedError, NoAttributeError, NotPermittedError, Vfs,
                          drive_commits)
-from castore.vfs import committer, core, openfile, staging
+from castore.vfs import committer, core, edits, openfile, staging
 
 HIDDEN = "/.fuse_hidden0000000100000002"
 
@@ -317,6 +317,29 @@ def test_hidden_names_of_unlinked_open_files(vfs: Vfs) -> None:
     vfs.flush(h.fh)                                    # nothing is committed for it
     vfs.release(h.fh)
     vfs.unlink("/gone" + HIDDEN)
+
+
+def test_a_hidden_name_opens_its_file_until_a_moment_after_libfuse_drops_it(
+        vfs: Vfs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libfuse opens a file replaced or unlinked while open by its hidden name, also when a
+    program walked the old path just before the file's last close made libfuse drop that
+    name: the name opens the file for HIDDEN_GRACE more, and then no more."""
+    monkeypatch.setattr(edits, "HIDDEN_GRACE", 0.3)
+    _write(vfs, "/f", b"old")
+    first = vfs.open("/f", os.O_RDONLY)
+    vfs.rename("/f", HIDDEN)                            # what libfuse does on unlink
+    again = vfs.open(HIDDEN, os.O_RDONLY)
+    assert vfs.read(again.fh, 0, 10) == b"old"
+    vfs.release(again.fh)
+    vfs.release(first.fh)
+    vfs.unlink(HIDDEN)                                  # libfuse: the last close
+    late = vfs.open(HIDDEN, os.O_RDONLY)
+    assert vfs.read(late.fh, 0, 10) == b"old"
+    vfs.release(late.fh)
+    time.sleep(0.35)
+    with pytest.raises(PathNotFoundError):
+        vfs.open(HIDDEN, os.O_RDONLY)
+    assert vfs.readdir("/") == []
 
 
 def test_unlink_while_open_keeps_every_descriptor_working(vfs: Vfs) -> None:

@@ -44,6 +44,7 @@ LISTED = 200_000                # entries of directory listings cached at most, 
 LISTING_MAX = 10_000            # entries of a listing worth caching at most
 WALK_FILES = 16                 # files first read within WALK_SECONDS: a walk of the tree
 WALK_SECONDS = 1.0
+HIDDEN_GRACE = 1.0              # seconds a hidden name libfuse dropped still opens its file
 RENAMED_QUIET = 1.0             # seconds after a rename here before a file is handed over
 
 
@@ -72,6 +73,7 @@ class VfsCore:
         self._open: dict[NodeId, OpenFile] = {}
         self._pending: dict[tuple[NodeId, bytes], OpenFile] = {}
         self._hidden: dict[bytes, OpenFile] = {}
+        self._hidden_gone: dict[bytes, float] = {}  # names libfuse dropped -> alias ends
         self._handles: dict[int, Handle] = {}
         # light handles (types.Light) by node, then handle number; registry held
         self._light: dict[NodeId, dict[int, Handle]] = {}
@@ -241,7 +243,8 @@ class VfsCore:
         last = parts[-1]
         if HIDDEN.match(last):
             of = self._hidden.get(last)
-            if of is not None:
+            until = self._hidden_gone.get(last)
+            if of is not None and (until is None or until > time.monotonic()):
                 return Target(None, of, name=last)
         node = self._dir_at(txn, parts[:-1], path, txn_id)
         entry = self._ns.lookup_view(txn, node.id, last)

@@ -12,6 +12,7 @@ from castore.files import EMPTY_REF
 from castore.ids import ROOT, NodeId
 from castore.ops import Kind, file_attrs, split_path
 from castore.store.lmdb import LmdbTxn
+from castore.vfs.core import HIDDEN_GRACE
 from castore.vfs.handles import FileHandleOps
 from castore.vfs.openfile import OpenFile
 from castore.vfs.types import HIDDEN, RENAME_NOREPLACE, NotPermittedError, Target
@@ -82,8 +83,13 @@ class NamespaceEdits(FileHandleOps):
         parts = split_path(path)
         if parts and HIDDEN.match(parts[-1]):
             with self._registry():
-                if self._hidden.pop(parts[-1], None) is not None:
-                    return                      # libfuse dropping a hidden name: alias only
+                if parts[-1] in self._hidden:
+                    # libfuse dropping a hidden name after the file's last close: an alias
+                    # only. It still opens the file for a moment: a program that walked the
+                    # path before the file was replaced (renamed over) opens it by that name.
+                    self._hidden_gone[parts[-1]] = time.monotonic() + HIDDEN_GRACE
+                    self._expire_hidden()
+                    return
         self.settle()
 
         def run(t: LmdbTxn) -> Target:
@@ -183,4 +189,13 @@ class NamespaceEdits(FileHandleOps):
         self._forget(of)
         with self._registry():
             self._hidden[hidden] = of
+            self._expire_hidden()
         return True
+
+    def _expire_hidden(self) -> None:
+        """Registry held: drop the aliases of hidden names libfuse dropped a while ago."""
+        now = time.monotonic()
+        for name, until in list(self._hidden_gone.items()):
+            if until <= now:
+                del self._hidden_gone[name]
+                self._hidden.pop(name, None)

@@ -155,7 +155,10 @@ class FileHandleOps(VfsCore):
             if of is None and not writable and not flags & os.O_TRUNC and node is not None \
                     and head is not None and target.version is None:
                 return self._light_handle(node, head), None
-            if of is None or (not of.dirty and of.node is not None and
+            # a hidden name, or a create not committed yet, has no node: its open state is
+            # the file (libfuse opens a file unlinked or renamed over while open by its
+            # hidden name)
+            if of is None or (node is not None and not of.dirty and of.node is not None and
                               of.base_key != head_key):
                 assert node is not None
                 manifest = EMPTY if head is None else \
