@@ -5,12 +5,15 @@ One daemon serves the module; each test uses its own directory of the drive.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
 import shutil
 import stat
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -293,3 +296,77 @@ def test_diff_is_quiet_on_reread(here: Path, tree: Path) -> None:
     for _ in range(2):
         out = subprocess.run(["diff", "-r", tree / "castore", here / "c"], capture_output=True)
         assert out.returncode == 0, out.stdout[-2000:]
+
+
+def test_walks_during_changes_meet_no_errors_but_missing_names(here: Path) -> None:
+    """Two threads walk a tree and read every file while two others create, write, edit,
+    delete and move files and directories in it. A walk may find a name gone (ENOENT, or
+    ESTALE from libfuse for a directory removed under it); nothing else goes wrong, on
+    either side, and the tree reads back whole afterwards."""
+    top = here / "t"
+    top.mkdir()
+    for i in range(12):
+        (top / f"d{i}").mkdir()
+        for j in range(8):
+            (top / f"d{i}" / f"f{j}").write_bytes(os.urandom(1000 + j * 3000))
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def churn(seed: int) -> None:
+        rnd = random.Random(seed)
+        n = 0
+        while not stop.is_set():
+            n += 1
+            d = top / f"d{rnd.randrange(12)}"
+            op = rnd.randrange(6)
+            try:
+                names = [e.name for e in os.scandir(d) if e.is_file()]
+                if op == 0:
+                    (d / f"n{seed}-{n}").write_bytes(os.urandom(rnd.randrange(1, 300_000)))
+                elif op == 1 and names:
+                    os.unlink(d / rnd.choice(names))
+                elif op == 2 and names:
+                    os.rename(d / rnd.choice(names), top / f"d{rnd.randrange(12)}" /
+                              f"m{seed}-{n}")
+                elif op == 3 and names:
+                    with open(d / rnd.choice(names), "r+b") as f:
+                        f.write(b"edit")
+                elif op == 4:
+                    os.rename(d, top / f"x{seed}-{n}")
+                    os.rename(top / f"x{seed}-{n}", d)
+                elif op == 5:
+                    sub = d / f"s{seed}-{n}"
+                    sub.mkdir()
+                    (sub / "a").write_bytes(b"a" * 5000)
+                    (sub / "a").unlink()
+                    sub.rmdir()
+            except FileNotFoundError:
+                pass                    # the other thread moved or removed it first
+            except OSError as exc:
+                bad.append(f"change: {exc!r}")
+
+    def walk() -> None:
+        while not stop.is_set():
+            for path, _, files in os.walk(top):
+                for name in files:
+                    try:
+                        with open(os.path.join(path, name), "rb") as f:
+                            f.read()
+                            os.fstat(f.fileno())
+                    except (FileNotFoundError, NotADirectoryError):
+                        pass
+                    except OSError as exc:
+                        if exc.errno != errno.ESTALE:
+                            bad.append(f"walk: {exc!r}")
+
+    threads = [threading.Thread(target=churn, args=(s,)) for s in (1, 2)] + \
+        [threading.Thread(target=walk) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(5)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not bad, bad[:5]
+    read = sum(len(p.read_bytes()) > 0 for p in top.rglob("*") if p.is_file())
+    assert read >= 12 * 8 // 2
