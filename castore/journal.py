@@ -75,6 +75,13 @@ class Intent:
     def of_attrs(cls, node: NodeId, attrs: Attrs) -> Intent:
         return cls(Manifest((), ()), [], node, None, b"", None, 0, 0, dict(attrs), True)
 
+    @classmethod
+    def of_attrs_at(cls, parent: NodeId, name: bytes, attrs: Attrs) -> Intent:
+        """A change of attributes of the file named name in parent when it is applied: a
+        file created here whose own intent comes earlier in the journal (it has no node
+        yet; no rename or unlink through the drive comes between the two)."""
+        return cls(Manifest((), ()), [], None, parent, name, None, 0, 0, dict(attrs), True)
+
     def encode(self) -> bytes:
         flags = (_HAS_NODE if self.node is not None else 0) | \
             (_HAS_BASE if self.base_key else 0) | (_ATTRS_ONLY if self.attrs_only else 0)
@@ -118,8 +125,11 @@ def apply(txn: LmdbTxn, ns: Namespace, files: Files, store: LmdbStore, intent: I
     directory of a new file went away meanwhile, ExistsError when a directory took its name.
     An attrs_only intent sets the attributes of its node (version key and ref are empty)."""
     if intent.attrs_only:
-        assert intent.node is not None
-        target = ns.get(txn, intent.node)
+        nid = intent.node
+        if nid is None:
+            assert intent.parent is not None
+            nid = ns.lookup(txn, intent.parent, intent.name)
+        target = ns.get(txn, nid) if nid is not None else None
         if target is None:
             raise PathNotFoundError("a node was removed before its attributes were committed")
         ns.set_attrs(txn, target, intent.attrs)

@@ -81,22 +81,33 @@ def test_sigkill_then_restart_over_the_stale_mount(tmp_path: Path) -> None:
 
 def test_every_returned_close_survives_sigkill(tmp_path: Path) -> None:
     """close() returns once the file is in the close journal; the group commit follows.
-    SIGKILL right after many closes: the restarted daemon has every one of them."""
+    So do chmod and utime right after the close (as rsync sets them). SIGKILL right after
+    many closes: the restarted daemon has every one of them, with its mode and time."""
     d = Drive(tmp_path).start()
     files = {f"f{i:04d}": os.urandom(64 + i) for i in range(1500)}
+
+    def attrs(i: int) -> tuple[int, int]:
+        return (0o600 if i % 2 else 0o640), (1_600_000_000 + i) * 10**9
     try:
         d.path("many").mkdir()
-        for name, data in files.items():
+        for i, (name, data) in enumerate(files.items()):
             with open(d.path("many", name), "wb") as f:
                 f.write(data)
+            if i % 3 == 0:
+                mode, mtime = attrs(i)
+                os.utime(d.path("many", name), ns=(mtime, mtime))
+                os.chmod(d.path("many", name), mode)
         d.kill()
     finally:
         d.stop()
     d2 = Drive(tmp_path).start()
     try:
         assert sorted(os.listdir(d2.path("many"))) == sorted(files)
-        for name, data in files.items():
+        for i, (name, data) in enumerate(files.items()):
             assert d2.path("many", name).read_bytes() == data, name
+            if i % 3 == 0:
+                st = d2.path("many", name).stat()
+                assert (st.st_mode & 0o7777, st.st_mtime_ns) == attrs(i), name
         out = castore("ls", "--json", "/many", home=d2.home)
         assert len(json.loads(out.stdout)) == len(files)
     finally:

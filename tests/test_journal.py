@@ -114,3 +114,24 @@ def test_attribute_changes_left_in_the_journal_are_committed_at_open(repo_config
         e = repo.stat("/d")
         assert (e.mode, e.mtime_ns, e.xattrs) == (0o700, 12345, {"user.k": b"v"})
         assert Journal(repo_config.journal_path).empty
+
+
+def test_attribute_changes_by_name_follow_the_create_they_name(repo_config: Config) -> None:
+    """A change of a file whose create is still in the journal names it by its directory
+    and name: applied after the create, it finds the new file (and drops quietly when
+    nothing has that name)."""
+    Repo.init(repo_config).close()
+    jnl = _journal_closes(repo_config, {b"new": b"content"})
+    change = Intent.of_attrs_at(ROOT, b"new", {b"mode": int_attr(0o600),
+                                               b"mtime": int_attr(777)})
+    back = Intent.decode(change.encode())
+    assert (back.attrs_only, back.node, back.parent, back.name, back.attrs) == \
+        (True, None, ROOT, b"new", change.attrs)
+    jnl.append(change)
+    jnl.append(Intent.of_attrs_at(ROOT, b"nothing", {b"mode": int_attr(0o600)}))
+    jnl.close()
+    with Repo.open(repo_config) as repo:
+        e = repo.stat("/new")
+        assert (e.mode, e.mtime_ns) == (0o600, 777)
+        assert b"".join(repo.read("/new")) == b"content"
+        assert Journal(repo_config.journal_path).empty

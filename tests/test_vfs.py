@@ -57,6 +57,40 @@ def _write(v: Vfs, path: str, data: bytes) -> None:
     v.settle()                      # committed: the repo (another view) shows it too
 
 
+def test_attributes_set_after_a_close_wait_for_no_commit(vfs: Vfs, repo: Repo,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """rsync closes each file it wrote, then sets its times and mode: they are journaled
+    after the close (a new file by its name) and show at once, without waiting for the
+    close's group to commit, and land after it."""
+    monkeypatch.setattr(committer, "LINGER", 3.0)       # the group waits to fill
+    vfs.mkdir("/d")
+    vfs.settle()
+    _write(vfs, "/d/old", b"committed")
+    for path in ("/d/new", "/d/old"):
+        h = vfs.create(path, 0o600, os.O_WRONLY | os.O_TRUNC)
+        vfs.write(h.fh, 0, b"closed, not committed")
+        vfs.flush(h.fh)
+        vfs.release(h.fh)
+        start = time.monotonic()
+        vfs.utimens(path, 1_600_000_000 * 10**9)
+        vfs.chmod(path, 0o644)
+        assert time.monotonic() - start < 1.0, path
+        if path == "/d/new":                             # the close has not landed
+            with pytest.raises(PathNotFoundError):
+                repo.stat(path)
+        else:
+            assert repo.stat(path).size == 9
+        a = vfs.getattr(path)
+        assert (a.mode, a.mtime_ns) == (0o644, 1_600_000_000 * 10**9), path
+    vfs.settle()
+    for path in ("/d/new", "/d/old"):
+        a = vfs.getattr(path)
+        assert (a.mode, a.mtime_ns, a.size) == (0o644, 1_600_000_000 * 10**9, 21), path
+        e = repo.stat(path)
+        assert (e.mode, e.mtime_ns) == (0o644, 1_600_000_000 * 10**9), path
+    assert not vfs._attrs_pending
+
+
 def test_create_is_committed_on_close_with_its_content(vfs: Vfs, repo: Repo) -> None:
     h = vfs.create("/a", 0o640, os.O_WRONLY)
     vfs.write(h.fh, 0, b"hello")

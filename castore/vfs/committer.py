@@ -28,6 +28,7 @@ from typing import TypeVar
 from castore import journal
 from castore.errors import CastoreError, StorageFullError
 from castore.ids import NodeId
+from castore.ops import Attrs
 from castore.journal import Intent, Journal
 from castore.repo import Repo
 from castore.store.lmdb import LmdbEnv, LmdbTxn
@@ -99,11 +100,14 @@ class Closing:
         return self.result
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AttrChange:
-    """The owner of a journaled attribute change (Intent.of_attrs) of a committed node."""
+    """The owner of a journaled attribute change (Intent.of_attrs) of a committed node, or
+    (Intent.of_attrs_at) of a file whose create is still landing: node is set when it lands,
+    and stays None if it fails."""
 
-    node: NodeId
+    node: NodeId | None
+    attrs: Attrs = field(default_factory=dict)
 
 
 class Committer:

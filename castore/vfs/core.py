@@ -404,8 +404,11 @@ class VfsCore:
         return Node(node.id, node.kind, node.parent, node.name, node.move_key, attrs,
                     node.heads)
 
-    def _attrs_landed(self, nid: NodeId) -> None:
-        """A journaled attribute change of nid is committed (or failed)."""
+    def _attrs_landed(self, nid: NodeId | None) -> None:
+        """A journaled attribute change of nid is committed (or failed; None: a change of a
+        file whose create failed)."""
+        if nid is None:
+            return
         with self._attrs_mutex:
             count, attrs = self._attrs_pending.get(nid, (1, {}))
             if count <= 1:
@@ -550,6 +553,13 @@ class VfsCore:
         target = self._stable(lambda t: self._resolve(t, path))
         of = target.of
         if of is not None:
+            # closed, its commit landing (writes wait for it): the change is journaled after
+            # that close and applied after it, without waiting for it (rsync sets the times
+            # and mode of each file it wrote after closing it)
+            landing = of.inflight is not None and not of.unlinked
+            if landing and of.node is None and self._attrs_ahead(of, target, attrs, check):
+                return
+        if of is not None and not (landing and of.node is not None):
             with of.settled():
                 if overlaid(of):
                     if check is not None:
@@ -580,6 +590,31 @@ class VfsCore:
                     self._attrs_landed(nid)
         if target.of is not None:
             apply_attrs(target.of, attrs, keep=False)
+
+    def _attrs_ahead(self, of: OpenFile, target: Target, attrs: Attrs,
+                     check: Callable[[Target], None] | None) -> bool:
+        """A change of attributes of a file created here whose close is still landing:
+        journaled by its name (Intent.of_attrs_at), shown by its open state until the
+        create lands and then by the overlay (FileHandleOps._landed). False if the create
+        landed meanwhile: the caller journals it by node."""
+        with self._attrs_order:
+            with of.locked():
+                if of.inflight is None or of.node is None and of.parent is None or \
+                        of.node is not None:
+                    return False
+                assert of.parent is not None
+                if check is not None:
+                    check(target)
+                owner = AttrChange(None, dict(attrs))
+                try:
+                    self._committer.submit(Intent.of_attrs_at(of.parent, of.name, attrs),
+                                           owner)
+                except CastoreError:        # e.g. disk full: once it landed, as before
+                    return False
+                of.attrs_ahead.append(owner)
+                apply_attrs(of, attrs)
+        self._changed()
+        return True
 
     def chmod(self, path: str | bytes, mode: int) -> None:
         self._set_attrs(path, {b"mode": int_attr(mode & 0o7777)})

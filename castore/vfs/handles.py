@@ -177,6 +177,21 @@ class FileHandleOps(VfsCore):
                 self._remember(of.node, of.base_key)
             return Opened(opened.fh, keep, push, opened.direct), of
 
+    def _ahead_landed(self, of: OpenFile, nid: NodeId) -> None:
+        """of's create landed as nid: the attribute changes journaled by its name meanwhile
+        (VfsCore._attrs_ahead) belong to nid, and show through the overlay until they land
+        (later in the same group, or in the next)."""
+        ahead, of.attrs_ahead = of.attrs_ahead, []
+        if not ahead:
+            return
+        with self._attrs_mutex:
+            count, pending = self._attrs_pending.get(nid, (0, {}))
+            for owner in ahead:
+                owner.node = nid
+                count += 1
+                pending = {**pending, **owner.attrs}
+            self._attrs_pending[nid] = (count, pending)
+
     def _light_handle(self, node: Node, head: Version) -> Opened:
         """Registry held. A handle for reading a committed version, with no open state yet:
         its reader usually finds every page in the kernel's cache (kept from an earlier
@@ -497,6 +512,7 @@ class FileHandleOps(VfsCore):
                 if closing.result is not None:
                     nid, key, ref = closing.result
                     of.committed(closing.intent.manifest, key, ref, nid)
+                    self._ahead_landed(of, nid)
                 of.inflight = None
             if closing.result is not None:
                 self._registered_locked(of, was_pending, closing.result[0],

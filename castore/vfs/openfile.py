@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from castore import chunking
 from castore.files import EMPTY, ChunkPipeline, Manifest, Prepared, prepare
@@ -34,6 +34,9 @@ from castore.ops import Attrs
 from castore.vfs.readcache import Budget, ChunkReader, ChunkSource, DeadlineError
 from castore.vfs.staging import Staging
 from castore.vfs.stream import Cutter, StreamWriter
+
+if TYPE_CHECKING:
+    from castore.vfs.committer import AttrChange
 
 BLOCK = 64 << 10            # granularity of the written-blocks map below base_limit
 STREAM_FROM = 16 << 20      # bytes appended before chunking starts in the background
@@ -116,6 +119,9 @@ class OpenFile:
         self.around = False                 # written through a handle around the page cache
         self._mid_page = False
         self.read_started = False           # counted as a first read (VfsCore._first_read)
+        # attribute changes journaled by name while the file's create was landing: given
+        # its node when it lands (FileHandleOps._landed)
+        self.attrs_ahead: list[AttrChange] = []
 
     # -- state ----------------------------------------------------------------------------
     def _set_base(self, base: Manifest, key: bytes | None, ref: bytes) -> None:
