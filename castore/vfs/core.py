@@ -549,16 +549,17 @@ class VfsCore:
         cp's fchmod/futimens before close cost no commit of their own). Otherwise the
         change goes to the close journal like a close (it survives the daemon being
         killed), shows here at once, and is committed with the next group: tar x sets the
-        times, owner and mode of every directory after filling it."""
+        times, owner and mode of every directory after filling it. A file whose close is
+        still landing (writes to it wait for that) does not wait either: the change is
+        journaled after the close and lands after it (rsync sets the times and mode of
+        each file it wrote after closing it); a new one is named by its name
+        (_attrs_ahead)."""
         target = self._stable(lambda t: self._resolve(t, path))
         of = target.of
-        if of is not None:
-            # closed, its commit landing (writes wait for it): the change is journaled after
-            # that close and applied after it, without waiting for it (rsync sets the times
-            # and mode of each file it wrote after closing it)
-            landing = of.inflight is not None and not of.unlinked
-            if landing and of.node is None and self._attrs_ahead(of, target, attrs, check):
-                return
+        landing = of is not None and of.inflight is not None and not of.unlinked
+        if landing and of is not None and of.node is None and \
+                self._attrs_ahead(of, target, attrs, check):
+            return
         if of is not None and not (landing and of.node is not None):
             with of.settled():
                 if overlaid(of):
@@ -595,14 +596,13 @@ class VfsCore:
                      check: Callable[[Target], None] | None) -> bool:
         """A change of attributes of a file created here whose close is still landing:
         journaled by its name (Intent.of_attrs_at), shown by its open state until the
-        create lands and then by the overlay (FileHandleOps._landed). False if the create
-        landed meanwhile: the caller journals it by node."""
+        create lands and then by the overlay (FileHandleOps._ahead_landed). False if the
+        create landed meanwhile (the caller journals it by node) or the journal refused it
+        (the caller waits for the landing)."""
         with self._attrs_order:
             with of.locked():
-                if of.inflight is None or of.node is None and of.parent is None or \
-                        of.node is not None:
+                if of.inflight is None or of.node is not None or of.parent is None:
                     return False
-                assert of.parent is not None
                 if check is not None:
                     check(target)
                 owner = AttrChange(None, dict(attrs))
