@@ -118,11 +118,14 @@ class NamespaceSync:
                     self._wake.wait(1.0)
                 batch, self._queue = self._queue[:PUSH_BATCH], self._queue[PUSH_BATCH:]
             if batch:
-                for name, peer in self.peers().items():
+                peers = self.peers()
+                for name, peer in peers.items():
                     sender = self._senders.get(name)
                     if sender is None:
                         sender = self._senders[name] = _Sender(self, name)
                     sender.offer(peer, batch)
+                for name in set(self._senders) - set(peers):   # gone: its thread ends too
+                    self._senders.pop(name).close()
 
     def _push_to(self, name: str, peer: OpPeer, batch: list[Op]) -> None:
         try:
@@ -229,6 +232,7 @@ class _Sender:
         self._peer: OpPeer | None = None
         self._ops: deque[Op] = deque()
         self._cond = threading.Condition()
+        self._closed = False
         self.thread = threading.Thread(target=self._run, name=f"castore-ns-push-{name[:8]}",
                                        daemon=True)
         self.thread.start()
@@ -247,11 +251,18 @@ class _Sender:
         with self._cond:
             self._cond.notify()
 
+    def close(self) -> None:
+        """The peer left: what waits for it is dropped (its pull catches up if it returns)."""
+        with self._cond:
+            self._closed = True
+            self._ops.clear()
+            self._cond.notify()
+
     def _run(self) -> None:
         stop = self._sync._stop
-        while not stop.is_set():
+        while not stop.is_set() and not self._closed:
             with self._cond:
-                while not self._ops and not stop.is_set():
+                while not self._ops and not stop.is_set() and not self._closed:
                     self._cond.wait(1.0)
                 batch = [self._ops.popleft() for _ in range(min(PUSH_BATCH, len(self._ops)))]
                 peer = self._peer

@@ -114,6 +114,23 @@ def test_a_stalled_peer_holds_up_no_other(cluster) -> None:  # type: ignore[no-u
     wait_for(lambda: names(repos["b"]) == names(repos["a"]), timeout=5.0)
 
 
+def test_a_peer_that_left_keeps_no_sender(cluster) -> None:  # type: ignore[no-untyped-def]
+    net, repos = cluster
+    sync = net.syncs["a"]
+    sync.start()
+    put(repos["a"], "/one.txt", b"1")
+    wait_for(lambda: "one.txt" in names(repos["b"]), timeout=2.0)
+    thread = sync._senders["b"].thread
+    net.cut = {frozenset("ab")}
+    put(repos["a"], "/two.txt", b"2")
+    wait_for(lambda: "two.txt" in names(repos["c"]), timeout=2.0)
+    thread.join(5)
+    assert not thread.is_alive() and "b" not in sync._senders
+    net.cut = set()
+    put(repos["a"], "/three.txt", b"3")                 # back: a new sender
+    wait_for(lambda: "three.txt" in names(repos["b"]), timeout=2.0)
+
+
 def test_a_stalled_peer_holds_up_no_pull(cluster) -> None:  # type: ignore[no-untyped-def]
     net, repos = cluster
     put(repos["a"], "/own.txt", b"a")        # not empty: a pulls rather than bootstraps
